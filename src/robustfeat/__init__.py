@@ -1,0 +1,24 @@
+"""robustfeat: adversarial training with feature prioritization (attention) and L2 feature
+regularization, and honest robustness evaluation.
+
+    import robustfeat
+    model = robustfeat.load_model("runs/mnist-at-reg-seed0")   # [0, 1] images -> logits
+"""
+
+__version__ = "0.1.0"
+
+from .api import evaluate_run, load_model  # noqa: E402
+from .config import load_config, list_presets  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
+from .train import train  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "create_model",
+    "evaluate_run",
+    "list_models",
+    "list_presets",
+    "load_config",
+    "load_model",
+    "train",
+]

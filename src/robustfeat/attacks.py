@@ -1,0 +1,168 @@
+"""l_inf attacks as pure functions of (model, images, labels, settings).
+
+One PGD loop serves every attack of the paper: PGD-k with the cross-entropy loss, "CW-k" (PGD on the
+CW margin loss, as the robustness literature uses the name) and FGSM with random start (steps=1).
+The attack only ever asks for gradients with respect to the input, so the parameters' gradients are
+never computed, and it never touches BatchNorm running statistics (see ``attack_mode``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AttackConfig
+from .registry import Registry
+
+CW_KAPPA = 50.0
+
+LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("attack loss")
+
+
+@LOSSES.register("ce")
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy, (B,)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@LOSSES.register("cw")
+def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPPA) -> torch.Tensor:
+    """Per-example CW margin loss -relu(z_y - max_{i != y} z_i + kappa), (B,); the attack maximises it.
+
+    The true class is removed from the max with -inf (a finite offset can lose against very
+    negative logits and silently pick the true class).
+    """
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    mask = F.one_hot(y, logits.shape[1]).bool()
+    other = logits.masked_fill(mask, float("-inf")).amax(dim=1)
+    return -F.relu(true - other + kappa)
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+    """Put ``model`` in the BatchNorm mode of an attack and restore every module's state afterwards.
+
+    bn_mode='eval': BN normalises with its running statistics (the model as deployed).
+    bn_mode='train': BN normalises with the batch's statistics (Madry et al. attack this way while
+    training), but ``track_running_stats`` is switched off so the running statistics stay frozen.
+    """
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"bn_mode={bn_mode!r}: expected 'eval' or 'train'")
+    modes = [(m, m.training) for m in model.modules()]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [(m, m.track_running_stats) for m in bns]
+    try:
+        if bn_mode == "eval":
+            model.eval()
+        else:
+            model.train()
+            for m in bns:
+                m.track_running_stats = False
+        yield model
+    finally:
+        for m, t in tracking:
+            m.track_running_stats = t
+        for m, was in modes:
+            m.training = was
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    # clamp to the eps-box around x, then to the valid pixel range
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    restarts: int = 1,
+    random_start: bool = True,
+    loss: str = "ce",
+    bn_mode: str = "eval",
+    generator: torch.Generator | None = None,
+    keep_best: bool = True,
+) -> torch.Tensor:
+    """l_inf PGD (Madry et al. 2017): x' <- clip_{x, eps}(x' + step_size * sign(grad_x' loss)).
+
+    Args:
+        x: clean images in [0, 1], (B, C, H, W); y: labels (B,).
+        restarts: independent random starts; per example the adversary that fools the model is kept.
+        keep_best: record, per example, the first iterate that is misclassified and return it even if
+            later iterates are classified correctly again. This makes accuracy non-increasing in
+            ``steps`` for a fixed seed (a longer run extends the shorter one's trajectory), at the cost
+            of one extra forward pass. Training turns it off and uses the last iterate (Madry et al.).
+    Returns:
+        x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
+    """
+    loss_fn = LOSSES.get(loss)
+    x = x.detach()
+    if steps == 0 or eps == 0:
+        return x.clone()
+    result = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    with attack_mode(model, bn_mode):
+        for _ in range(restarts):
+            if random_start:
+                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x_adv = (x + (2.0 * noise - 1.0) * eps).clamp_(0.0, 1.0)
+            else:
+                x_adv = x.clone()
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                logits = model(x_adv)
+                (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
+                x_adv = x_adv.detach()
+                if keep_best:
+                    newly = (logits.detach().argmax(1) != y) & ~fooled
+                    result = torch.where(_expand(newly, x), x_adv, result)
+                    fooled |= newly
+                x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
+            if keep_best or restarts > 1:
+                with torch.no_grad():
+                    newly = (model(x_adv).argmax(1) != y) & ~fooled
+                # examples not fooled so far take this restart's last iterate
+                result = torch.where(_expand(fooled, x), result, x_adv)
+                fooled |= newly
+            else:
+                result = x_adv
+    return result.detach()
+
+
+def attack_from_config(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AttackConfig,
+    *,
+    generator: torch.Generator | None = None,
+    keep_best: bool = True,
+    eps: float | None = None,
+    step_size: float | None = None,
+) -> torch.Tensor:
+    """Run the attack an ``AttackConfig`` describes (eps / step_size may be overridden, for warm-ups)."""
+    return pgd(
+        model,
+        x,
+        y,
+        eps=cfg.eps if eps is None else eps,
+        step_size=cfg.step_size if step_size is None else step_size,
+        steps=cfg.steps,
+        restarts=cfg.restarts,
+        random_start=cfg.random_start,
+        loss=cfg.loss,
+        bn_mode=cfg.bn_mode,
+        generator=generator,
+        keep_best=keep_best,
+    )

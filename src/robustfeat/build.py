@@ -1,0 +1,61 @@
+"""Config -> objects: the device, the data splits and the model of a run.
+
+The only place that turns config values into data and models, shared by training, evaluation and
+``robustfeat.load_model``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, ModelConfig
+from .data import Dataset, load_dataset, train_val_split
+from .models import RobustModel, create_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name!r} but this torch build sees no CUDA device; use run.device=cpu")
+    return dev
+
+
+@dataclass
+class Splits:
+    """uint8 images (N, C, H, W) and int64 labels of the three splits, on the CPU."""
+
+    dataset: Dataset
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self.dataset.x_test
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self.dataset.y_test
+
+
+def build_splits(cfg: Config, data_dir: str | None = None, download: bool = True) -> Splits:
+    d = cfg.data
+    ds = load_dataset(d.name, data_dir or d.dir, path=d.path, download=download, coarse=d.coarse_labels)
+    (x_tr, y_tr), (x_val, y_val) = train_val_split(ds, d.val_size, seed=0)
+    if d.train_size is not None:
+        x_tr, y_tr = x_tr[: d.train_size], y_tr[: d.train_size]
+    return Splits(ds, x_tr, y_tr, x_val, y_val)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> RobustModel:
+    kwargs: dict = {}
+    if cfg.widths is not None:
+        kwargs["widths"] = list(cfg.widths)
+    if cfg.has_attention:
+        kwargs["att_hidden"] = cfg.att_hidden
+    return create_model(cfg.name, num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -1,0 +1,212 @@
+"""The ``robustfeat`` command line. Each subcommand is a thin wrapper over a library function.
+
+    robustfeat presets
+    robustfeat train --preset NAME [--budget cpu] [--out DIR] [--data-dir DIR] [KEY=VALUE ...]
+    robustfeat train --resume DIR
+    robustfeat eval RUN_DIR [--checkpoint best|last] [--n N]
+    robustfeat demo
+
+User errors (bad config values, missing data, bad checkpoints) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+
+class CLIError(Exception):
+    pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .build import Splits  # noqa: F401  (import check: keeps the tuple lazy but complete)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .evaluate import InvalidAdversary
+    from .train import TrainingError
+
+    return (CLIError, ConfigError, DataError, CheckpointError, TrainingError, InvalidAdversary)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .config import list_presets, load_config, preset_budgets
+
+    rows = []
+    for name in list_presets():
+        cfg = load_config(name)
+        rows.append((name, cfg.data.name, cfg.model.name, cfg.method.name, ",".join(preset_budgets(name)),
+                     cfg.description))
+    if args.json:
+        keys = ("name", "dataset", "model", "method", "budgets", "description")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return 0
+    head = ("preset", "dataset", "model", "method", "budgets", "description")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(5)]
+    for r in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+    return 0
+
+
+def _default_out(cfg_name: str, budget: str, seed: int) -> Path:
+    suffix = "" if budget == "paper" else f"-{budget}"
+    return Path("runs") / f"{cfg_name}{suffix}-seed{seed}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .api import describe_config
+    from .config import config_from_dict, load_config
+    from .train import train
+
+    overrides = list(args.overrides or []) + list(args.set or [])
+    if args.resume:
+        out = Path(args.resume)
+        cfg_file = out / "config.yaml"
+        if not cfg_file.exists():
+            raise CLIError(f"--resume {str(out)!r}: no config.yaml there; is it a robustfeat run directory?")
+        if args.preset or args.config or overrides:
+            raise CLIError("--resume takes the config saved in the run directory; drop --preset/--config/overrides")
+        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+    else:
+        if not args.preset and not args.config:
+            raise CLIError("train needs --preset NAME (see 'robustfeat presets'), --config FILE or --resume DIR")
+        cfg = load_config(args.preset, args.budget, overrides, path=args.config)
+        out = Path(args.out) if args.out else _default_out(cfg.name, args.budget, cfg.run.seed)
+    if args.data_dir:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=args.data_dir))
+    if not args.quiet:
+        print(f"robustfeat {__version__}: {describe_config(cfg)}")
+        print(f"run directory: {out}")
+    res = train(cfg, out, resume=bool(args.resume), progress=not args.quiet, command=sys.argv)
+    val = res.last_val
+    print(
+        f"done: step {res.step:,} in {res.seconds:.0f}s; validation clean {val.get('clean_acc', float('nan')):.2%}, "
+        f"PGD {val.get('pgd_acc', float('nan')):.2%}; best validation PGD {res.best_val_pgd:.2%}; "
+        f"checkpoints in {out / 'checkpoints'}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_run
+
+    res = evaluate_run(args.run_dir, which=args.checkpoint, n=args.n, data_dir=args.data_dir,
+                       device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    lo, hi = res["clean_acc_ci95"]
+    plo, phi = res["pgd_acc_ci95"]
+    print(f"{res['preset']} ({res['checkpoint']}, step {res['step']:,}) on {res['n']:,} test images:")
+    print(f"  clean accuracy      {res['clean_acc']:.2%}  (95% CI {lo:.2%}-{hi:.2%})")
+    print(f"  {res['attack']['name']:<8} accuracy   {res['pgd_acc']:.2%}  (95% CI {plo:.2%}-{phi:.2%}), "
+          f"eps={res['attack']['eps']:.4g}")
+    print(f"  written to {Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .api import describe_config, evaluate_run
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config("demo", "paper", list(args.overrides or []))
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    print("robustfeat demo: adversarial training with L2 feature regularization (AT-reg) on the MNIST")
+    print("sample shipped with the package (offline).")
+    print(f"schedule: {describe_config(cfg)}")
+    print(f"run directory: {out}")
+    t0 = time.time()
+    train(cfg, out, progress=not args.quiet, command=sys.argv)
+    t_train = time.time() - t0
+    print(f"trained in {t_train:.0f}s; evaluating the checkpoint chosen on validation data "
+          f"on the {1000:,} embedded test images ...")
+    res = evaluate_run(out, which="best", progress=not args.quiet)
+    a = res["attack"]
+    print(f"test accuracy: clean {res['clean_acc']:.2%}, PGD-{a['steps']} (eps={a['eps']:g}, step {a['step_size']:g}, "
+          f"random start) {res['pgd_acc']:.2%}  [{time.time() - t0:.0f}s in all]")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="robustfeat",
+        description="Adversarial training with feature prioritization and L2 feature regularization.",
+    )
+    p.add_argument("--version", action="version", version=f"robustfeat {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("presets", help="list the experiment presets")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("train", help="train a model from a preset",
+                       description="Train from a preset; KEY=VALUE arguments override any config value, "
+                       "e.g. optim.steps=100 attack.eps=8/255.")
+    s.add_argument("--preset", help="preset name (robustfeat presets)")
+    s.add_argument("--config", help="a YAML config file instead of a preset")
+    s.add_argument("--budget", default="paper", help="paper (the published schedule) or a short budget: cpu, smoke")
+    s.add_argument("--out", help="run directory (default runs/PRESET[-BUDGET]-seedN)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    s.add_argument("--data-dir", help="data directory (default $ROBUSTFEAT_DATA, else the user cache)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="clean and PGD accuracy of a run on the test set")
+    s.add_argument("run_dir")
+    s.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
+    s.add_argument("--n", type=int, help="evaluate a fixed seeded subset of N test images")
+    s.add_argument("--data-dir", help="data directory")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("demo", help="train AT-reg on the embedded MNIST sample and report PGD-40 accuracy")
+    s.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP)")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"robustfeat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"robustfeat {args.command}: interrupted; a training run continues with --resume RUN_DIR",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""Typed, validated configuration: one frozen dataclass per concern.
+
+A run is described by a ``Config`` built from a preset YAML file (``robustfeat/presets``), an optional
+budget inside it, and ``key=value`` overrides from the command line. Every field is checked when the
+config is built, unknown keys are rejected with a suggestion, and the fully resolved config is written
+next to every run (``config.yaml``), so a run directory alone says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .registry import suggest
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key, the value and what is expected."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _int(key: str, value: Any, lo: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(key, value, "an integer" + (f" >= {lo}" if lo is not None else ""))
+    if lo is not None and value < lo:
+        _fail(key, value, f"an integer >= {lo}")
+
+
+def _num(key: str, value: Any, lo: float | None = None, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "a finite number")
+    if lo is not None and (value <= lo if strict else value < lo):
+        _fail(key, value, f"a number {'>' if strict else '>='} {lo}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{key}={value!r} is invalid: expected one of {', '.join(map(str, choices))}"
+            f"{suggest(str(value), list(choices))}"
+        )
+
+
+def _bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(key, value, "true or false")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sections
+
+DATASET_NAMES = ("mnist", "mnist-sample", "cifar10", "cifar100", "npz")
+BN_MODES = ("train", "eval")
+ATTACK_LOSSES = ("ce", "cw")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist"
+    """Dataset: mnist, mnist-sample (embedded, offline), cifar10, cifar100 or npz (your own arrays)."""
+    dir: str | None = None
+    """Data directory; None -> $ROBUSTFEAT_DATA, else the user cache directory. --data-dir sets it."""
+    path: str | None = None
+    """For name=npz: the .npz file with x_train, y_train, x_test, y_test."""
+    val_size: int = 5000
+    """Images held out of the training set for model selection (never the test set)."""
+    train_size: int | None = None
+    """Use only this many training images (after the validation split); None = all. For CPU budgets."""
+    augment: bool = False
+    """Pad 4 + random crop + horizontal flip, batched on the training device (CIFAR)."""
+    coarse_labels: bool = False
+    """CIFAR-100 only: the 20 coarse labels instead of the 100 fine ones."""
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASET_NAMES)
+        _int("data.val_size", self.val_size, 0)
+        if self.train_size is not None:
+            _int("data.train_size", self.train_size, 1)
+        _bool("data.augment", self.augment)
+        _bool("data.coarse_labels", self.coarse_labels)
+        if self.name == "npz" and not self.path:
+            _fail("data.path", self.path, "the path of a .npz file when data.name=npz")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mnist_cnn"
+    """A registered model (robustfeat.models.list_models()); '_att' names carry the attention module."""
+    widths: tuple[int, ...] | None = None
+    """ResNet widths [stem, stage1, stage2, stage3]; None = the registered model's default."""
+    att_hidden: int = 64
+    """Hidden units of the attention MLP f([l_n; g]) (section 3.2: 64)."""
+
+    def __post_init__(self) -> None:
+        from .models import list_models
+
+        _choice("model.name", self.name, list_models())
+        if self.widths is not None:
+            if not isinstance(self.widths, (list, tuple)) or len(self.widths) != 4:
+                _fail("model.widths", self.widths, "a list of 4 positive integers, e.g. [16, 16, 32, 64]")
+            for w in self.widths:
+                _int("model.widths", w, 1)
+            object.__setattr__(self, "widths", tuple(self.widths))
+        _int("model.att_hidden", self.att_hidden, 1)
+
+    @property
+    def has_attention(self) -> bool:
+        return self.name.endswith("_att")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An l_inf PGD attack. FGSM with random start is steps=1."""
+
+    eps: float = 0.3
+    """l_inf radius in [0, 1] pixel units (8/255 = 0.0313725 for CIFAR)."""
+    step_size: float = 0.01
+    """Step alpha of x <- proj(x + alpha * sign(grad))."""
+    steps: int = 40
+    restarts: int = 1
+    """Random restarts; the worst case over restarts is kept per example."""
+    random_start: bool = True
+    """Start from a uniform point of the eps-ball (Madry et al.)."""
+    loss: str = "ce"
+    """ce (cross-entropy) or cw (the CW margin loss, kappa=50)."""
+    bn_mode: str = "eval"
+    """BatchNorm while attacking: eval (running statistics) or train (batch statistics). Running
+    statistics are never updated by an attack either way."""
+
+    def __post_init__(self) -> None:
+        _num("attack.eps", self.eps, 0.0)
+        if self.eps > 1:
+            _fail("attack.eps", self.eps, "a radius in [0, 1] pixel units (e.g. 8/255 = 0.0314, not 8)")
+        _num("attack.step_size", self.step_size, 0.0, strict=True)
+        _int("attack.steps", self.steps, 0)
+        _int("attack.restarts", self.restarts, 1)
+        _bool("attack.random_start", self.random_start)
+        _choice("attack.loss", self.loss, ATTACK_LOSSES)
+        _choice("attack.bn_mode", self.bn_mode, BN_MODES)
+
+
+@dataclass(frozen=True)
+class TrainAttackConfig(AttackConfig):
+    """The attack that makes training adversaries, with an optional eps warm-up."""
+
+    bn_mode: str = "train"
+    """Madry's reference code attacks with batch statistics during training (running ones frozen)."""
+    eps_warmup_examples: int = 0
+    """Ramp eps (and the step size with it) linearly from 0 over this many training examples; 0 = off.
+    Not in the paper: it lets short CPU budgets escape the chance-level plateau of PGD training."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _int("attack.eps_warmup_examples", self.eps_warmup_examples, 0)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "at"
+    """natural, at, at-reg, at-att or at-att-reg (robustfeat.methods)."""
+    lam: float | None = None
+    """Weight of the L2 feature regularizer (eq. 7); None = the paper's value for the method."""
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        _choice("method.name", self.name, METHODS.names())
+        if self.lam is not None:
+            _num("method.lam", self.lam, 0.0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    """sgd (momentum) or adam."""
+    lr: float = 1e-4
+    momentum: float = 0.9
+    """SGD only."""
+    weight_decay: float = 0.0
+    batch_size: int = 50
+    steps: int = 100_000
+    """Optimizer steps (batches) in the whole run."""
+    milestones: tuple[int, ...] = ()
+    """Steps at which the learning rate is multiplied by `gamma`."""
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adam"))
+        _num("optim.lr", self.lr, 0.0, strict=True)
+        _num("optim.momentum", self.momentum, 0.0)
+        _num("optim.weight_decay", self.weight_decay, 0.0)
+        _int("optim.batch_size", self.batch_size, 1)
+        _int("optim.steps", self.steps, 1)
+        if not isinstance(self.milestones, (list, tuple)):
+            _fail("optim.milestones", self.milestones, "a list of step numbers")
+        for m in self.milestones:
+            _int("optim.milestones", m, 1)
+        if list(self.milestones) != sorted(self.milestones):
+            _fail("optim.milestones", self.milestones, "increasing step numbers")
+        object.__setattr__(self, "milestones", tuple(self.milestones))
+        _num("optim.gamma", self.gamma, 0.0, strict=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    """Seeds the weights, the data order, the augmentation and the attacks' random starts."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    eval_every: int = 1000
+    """Steps between evaluations on the validation split (and checkpoints)."""
+    eval_size: int = 1000
+    """Validation images used by each periodic evaluation (0 = the whole split)."""
+    checkpoint_every: int = 0
+    """Extra checkpoints between evaluations, in steps; 0 = only at evaluations and at the end."""
+    log_every: int = 50
+    """Steps between metric lines in metrics.jsonl."""
+    tensorboard: bool = False
+    channels_last: bool = True
+    """Convolutions in NHWC layout (1.7-2x faster on CPU for these models)."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+
+    def __post_init__(self) -> None:
+        _int("run.seed", self.seed, 0)
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
+        ):
+            _fail("run.device", self.device, "auto, cpu, cuda or cuda:N")
+        _int("run.eval_every", self.eval_every, 1)
+        _int("run.eval_size", self.eval_size, 0)
+        _int("run.checkpoint_every", self.checkpoint_every, 0)
+        _int("run.log_every", self.log_every, 1)
+        _bool("run.tensorboard", self.tensorboard)
+        _bool("run.channels_last", self.channels_last)
+        _int("run.threads", self.threads, 0)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    """The preset this config came from (informational)."""
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    attack: TrainAttackConfig = field(default_factory=TrainAttackConfig)
+    """The training adversary."""
+    eval_attack: AttackConfig = field(default_factory=AttackConfig)
+    """The attack of periodic validation and of `robustfeat eval` (the dataset's standard PGD)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        spec = METHODS.get(self.method.name)
+        if spec.attention and not self.model.has_attention:
+            raise ConfigError(
+                f"method.name={self.method.name!r} needs an attention model, but model.name="
+                f"{self.model.name!r} has none: use {self.model.name}_att"
+            )
+        if not spec.attention and self.model.has_attention:
+            raise ConfigError(
+                f"model.name={self.model.name!r} has an attention module, but method.name="
+                f"{self.method.name!r} is a method without attention: use {spec.with_attention_name()}"
+            )
+        if self.data.name.startswith("mnist") and not self.model.name.startswith("mnist"):
+            raise ConfigError(f"model.name={self.model.name!r} expects 32x32 colour images, not MNIST")
+        if self.data.name.startswith("cifar") and self.model.name.startswith("mnist"):
+            raise ConfigError(f"model.name={self.model.name!r} expects 28x28 MNIST images, not CIFAR")
+
+    @property
+    def lam(self) -> float:
+        """The regularizer weight in force (the method's paper value unless set)."""
+        from .methods import METHODS
+
+        if self.method.lam is not None:
+            return float(self.method.lam)
+        return METHODS.get(self.method.name).default_lam(self.data.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple):
+                return [plain(i) for i in v]
+            if isinstance(v, dict):
+                return {k: plain(i) for k, i in v.items()}
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "attack": TrainAttackConfig,
+    "eval_attack": AttackConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+TOP_LEVEL = ("name", "description")
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Build and validate a Config; unknown sections or keys are a ConfigError with a suggestion."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in TOP_LEVEL:
+            kwargs[key] = value
+            continue
+        if key not in SECTIONS:
+            raise ConfigError(
+                f"unknown config section {key!r}{suggest(key, [*SECTIONS, *TOP_LEVEL])}; "
+                f"known: {', '.join([*TOP_LEVEL, *SECTIONS])}"
+            )
+        cls = SECTIONS[key]
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+        names = [f.name for f in fields(cls)]
+        for k in value:
+            if k not in names:
+                raise ConfigError(
+                    f"unknown key {key}.{k}{suggest(k, names)}; known keys of {key}: {', '.join(names)}"
+                )
+        try:
+            kwargs[key] = cls(**value)
+        except TypeError as e:  # pragma: no cover - guarded by the key check above
+            raise ConfigError(f"config section {key!r}: {e}") from None
+    return Config(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets, budgets and overrides
+
+PRESET_DIR = "presets"
+
+
+def _preset_files() -> dict[str, Any]:
+    root = resources.files("robustfeat") / PRESET_DIR
+    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def list_presets() -> list[str]:
+    """Every preset that is a complete experiment (files starting with '_' are shared bases)."""
+    return sorted(n for n in _preset_files() if not n.startswith("_"))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_raw(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    files = _preset_files()
+    if name not in files:
+        raise ConfigError(
+            f"unknown preset {name!r}{suggest(name, list_presets())}; run 'robustfeat presets' to list them"
+        )
+    if name in seen:
+        raise ConfigError(f"preset {name!r} inherits from itself ({' -> '.join([*seen, name])})")
+    raw = yaml.safe_load(files[name].read_text()) or {}
+    parent = raw.pop("inherit", None)
+    if parent:
+        base = _load_raw(parent, (*seen, name))
+        budgets = _deep_merge(base.pop("budgets", {}), raw.pop("budgets", {}) or {})
+        raw = _deep_merge(base, raw)
+        raw["budgets"] = budgets
+    return raw
+
+
+def preset_budgets(name: str) -> list[str]:
+    return ["paper", *sorted((_load_raw(name).get("budgets") or {}).keys())]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=0.01' -> (['optim', 'lr'], 0.01); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid: expected KEY=VALUE, e.g. optim.lr=0.01")
+    key, _, raw_value = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"override {text!r} is invalid: expected KEY=VALUE with KEY like optim.lr")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r} is invalid: the value is not valid YAML") from None
+    if isinstance(value, str):  # allow fractions such as eps=8/255
+        value = _maybe_fraction(value)
+    return parts, value
+
+
+def _maybe_fraction(s: str) -> Any:
+    num, slash, den = s.partition("/")
+    if slash:
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return s
+    return s
+
+
+def _set(d: dict, parts: list[str], value: Any, text: str) -> None:
+    if len(parts) == 1:
+        if parts[0] in SECTIONS:
+            raise ConfigError(f"override {text!r} is invalid: {parts[0]!r} is a section; set {parts[0]}.KEY")
+        d[parts[0]] = value
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"override {text!r} is invalid: keys have the form SECTION.KEY, e.g. optim.lr")
+    section = d.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"override {text!r} is invalid: {parts[0]!r} is not a section")
+    section[parts[1]] = value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = _deep_merge(d, {})
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set(out, parts, value, text)
+    return out
+
+
+def _fractions(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _fractions(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_fractions(v) for v in d]
+    if isinstance(d, str):
+        return _maybe_fraction(d)
+    return d
+
+
+def load_config(
+    preset: str | None = None,
+    budget: str = "paper",
+    overrides: list[str] | None = None,
+    path: str | Path | None = None,
+) -> Config:
+    """A preset (or a YAML file), one of its budgets, then command-line overrides, validated."""
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        budgets = raw.pop("budgets", {}) or {}
+    else:
+        raw = _load_raw(preset or "mnist-at")
+        budgets = raw.pop("budgets", {}) or {}
+        raw.setdefault("name", preset)
+    if budget != "paper":
+        if budget not in budgets:
+            raise ConfigError(
+                f"unknown budget {budget!r} for {preset or path}{suggest(budget, list(budgets))}; "
+                f"known: {', '.join(['paper', *sorted(budgets)])}"
+            )
+        raw = _deep_merge(raw, budgets[budget])
+    raw = _fractions(raw)
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)

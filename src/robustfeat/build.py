@@ -58,4 +58,6 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> RobustM
         kwargs["widths"] = list(cfg.widths)
     if cfg.has_attention:
         kwargs["att_hidden"] = cfg.att_hidden
+    if cfg.name == "mnist_cnn":
+        kwargs["init"] = cfg.init
     return create_model(cfg.name, num_classes=num_classes, in_channels=in_channels, **kwargs)

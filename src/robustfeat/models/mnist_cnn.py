@@ -8,8 +8,10 @@
 No batch norm and no input normalization: the model takes [0, 1] pixels as they are, as Madry's
 model does. The paper uses no attention module on MNIST, so ``attention()`` raises ``TypeError``.
 
-Initialization follows Madry's MNIST model: weights from a normal distribution with standard
-deviation 0.1 truncated at two standard deviations, biases set to the constant 0.1.
+Initialization: ``init="torch"`` (default) keeps PyTorch's default (Kaiming-uniform) init;
+``init="madry"`` follows Madry's MNIST model: weights from a normal distribution with standard
+deviation 0.1 truncated at two standard deviations, biases set to the constant 0.1. Madry's init gives
+very large initial logits and trains much more slowly on short schedules (see ModelConfig.init).
 
 Flattening uses PyTorch's (C, H, W) order (Madry's TF model flattens in (H, W, C) order; this only
 permutes the rows of the first FC weight and does not change the function class).
@@ -41,6 +43,7 @@ class MnistCNN(RobustModel):
         in_channels: int = 1,
         input_size: int = 28,
         hidden: int = 1024,
+        init: str = "torch",
     ):
         super().__init__()
         if input_size < 4:
@@ -58,7 +61,10 @@ class MnistCNN(RobustModel):
         self.fc1 = nn.Linear(self.flat_dim, self.feature_dim)
         self.fc2 = nn.Linear(self.feature_dim, self.num_classes)
         self.act = nn.ReLU()
-        _madry_init_(self)
+        if init == "madry":
+            _madry_init_(self)
+        elif init != "torch":
+            raise ValueError(f"init={init!r}: expected 'torch' or 'madry'")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.act(self.conv1(x)))

@@ -92,9 +92,10 @@ def test_cli_train_eval_and_load_model(tmp_path, capsys):
     assert main(["train", "--preset", "demo", "--out", str(out), "--quiet", *TINY]) == 0
     assert main(["eval", str(out), "--n", "50", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "clean accuracy" in text and "PGD-2" in text
-    res = json.loads((out / "eval.json").read_text())
-    assert res["n"] == 50 and 0 <= res["pgd_acc"] <= res["clean_acc"] <= 1
+    assert "| Natural |" in text and "| White box, PGD 2 steps |" in text
+    res = json.loads((out / "eval" / "eval.json").read_text())
+    assert res["n"] == 50 and res["attack"]["name"] == "PGD-2"
+    assert 0 <= res["pgd_acc"] <= res["clean_acc"] <= 1
     model = robustfeat.load_model(out)
     x = torch.rand(3, 1, 28, 28)
     assert model(x).shape == (3, 10)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .build import build_model, build_splits, resolve_device
-from .checkpoint import CheckpointError, atomic_write_text, load_into, read_checkpoint
+from .build import build_model
+from .checkpoint import CheckpointError, check_architecture, load_into, read_checkpoint
 from .config import AttackConfig, Config, ConfigError, config_from_dict
-from .evaluate import accuracy, wilson_interval
-from .train import BEST, LAST, derived_seed
+from .train import BEST, LAST
 
 
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
@@ -36,13 +33,28 @@ def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
 def load_run(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu"):
     """(model in eval mode on ``device``, its Config, checkpoint metadata)."""
     path = checkpoint_path(run_dir, which)
-    _, meta = read_checkpoint(path)
+    tensors, meta = read_checkpoint(path)
     try:
         cfg = config_from_dict(meta["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} carries an invalid config: {e}") from None
     extra = meta["extra"]
-    model = build_model(cfg.model, int(extra["num_classes"]), int(extra["in_channels"]))
+    shape = []
+    for key, hi in (("num_classes", 100_000), ("in_channels", 64)):
+        v = extra.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+            raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: {key}={v!r}, expected 1-{hi}")
+        shape.append(v)
+    try:
+        # The architecture is checked on the meta device first, so a checkpoint whose config asks
+        # for an enormous model is refused before anything is allocated.
+        with torch.device("meta"):
+            skeleton = build_model(cfg.model, *shape)
+        check_architecture(path, tensors, skeleton)
+        del tensors, skeleton
+        model = build_model(cfg.model, *shape)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r}: cannot build its model ({e})") from None
     load_into(path, model)
     return model.to(device).eval(), cfg, meta
 
@@ -62,44 +74,33 @@ def evaluate_run(
     n: int | None = None,
     data_dir: str | None = None,
     attack: AttackConfig | None = None,
+    suite: str | None = None,
+    source: str | os.PathLike | None = None,
     device: str = "auto",
-    batch_size: int = 500,
+    batch_size: int | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Clean and PGD accuracy of a run's checkpoint on the test set (``n``: a seeded random subset).
+    """Evaluate a run's checkpoint on the test set (``n``: a fixed seeded subset) and write RUN_DIR/eval/.
 
-    Writes ``RUN_DIR/eval.json`` and returns the same dict.
+    ``suite`` None: natural accuracy and one attack (``attack``, default the preset's ``eval_attack``);
+    'quick', 'paper' or 'full': the evaluation suite of ``robustfeat eval`` (``robustfeat.eval_run``).
+    The result has ``clean_acc``, ``pgd_acc`` and ``attack`` besides the suite's rows and checks.
     """
-    dev = resolve_device(device)
-    model, cfg, meta = load_run(run_dir, which, dev)
-    splits = build_splits(cfg, data_dir)
-    x, y = splits.x_test, splits.y_test
-    if n is not None and n < len(y):
-        g = torch.Generator().manual_seed(derived_seed(seed, 7))
-        idx = torch.randperm(len(y), generator=g)[:n].sort().values
-        x, y = x[idx], y[idx]
-    attack = attack or cfg.eval_attack
-    gen = torch.Generator(device=dev).manual_seed(derived_seed(seed, 3))
-    t0 = time.time()
-    acc = accuracy(model, x, y, attack, device=dev, batch_size=batch_size, generator=gen,
-                   channels_last=cfg.run.channels_last, progress=progress)
-    res = {
-        "run_dir": str(run_dir),
-        "checkpoint": str(checkpoint_path(run_dir, which)),
-        "step": meta["step"],
-        "preset": cfg.name,
-        "dataset": cfg.data.name,
-        "n": len(y),
-        "attack": {"name": f"PGD-{attack.steps}", **attack.__dict__},
-        "seconds": round(time.time() - t0, 1),
-    }
-    for k, v in acc.items():
-        correct = round(v * len(y))
-        res[k] = v
-        res[f"{k}_ci95"] = list(wilson_interval(correct, len(y)))
-    atomic_write_text(Path(run_dir) / "eval.json", json.dumps(res, indent=2))
-    return res
+    from .eval_run import evaluate_run_suite
+    from .suite import Row
+
+    rows = None
+    if suite is None:
+        if attack is None:
+            _, cfg, _ = load_run(run_dir, which, "cpu")
+            attack = cfg.eval_attack
+        rows = [Row("natural"), Row("whitebox", attack.loss, attack.steps, attack.eps, attack.step_size,
+                                    attack.restarts, attack.random_start, attack.bn_mode)]
+    return evaluate_run_suite(run_dir, suite=suite or "quick", rows=rows, source=source, n=n, which=which,
+                              data_dir=data_dir, device=device, batch_size=batch_size, seed=seed,
+                              progress=progress, eps=attack.eps if attack else None,
+                              step_size=attack.step_size if attack else None)
 
 
 def describe_config(cfg: Config) -> str:

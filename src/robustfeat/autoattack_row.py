@@ -1,0 +1,88 @@
+"""The AutoAttack row of the evaluation suite (standard version, ``pyautoattack`` package), resumable.
+
+Resuming works in chunks: the examples are split into chunks and each finished chunk's adversarial
+images are saved (safetensors) under ``state_dir``, keyed by the model's fingerprint, eps, seed and the
+chunk's images. A rerun loads finished chunks, re-validates and re-classifies them, and attacks only
+the rest. (AutoAttack's own ``state_path`` is not used: a run restored from it returns the clean image
+for examples broken before the interruption, so those could not be re-verified.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .evaluate import check_adversary, to_float_images
+
+CHUNK = 1000
+
+
+def _chunk_key(fingerprint: str, eps: float, seed: int, xc: torch.Tensor, yc: torch.Tensor) -> str:
+    h = hashlib.sha256(f"{fingerprint}|{eps!r}|{seed}".encode())
+    h.update(xc.detach().cpu().contiguous().numpy().tobytes())
+    h.update(yc.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def run_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean: torch.Tensor,
+    *,
+    eps: float,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
+    state_dir: str | Path | None = None,
+    progress: bool = True,
+    fingerprint: str = "",
+    chunk: int = CHUNK,
+) -> torch.Tensor:
+    """Per example: robust under AutoAttack (standard, l_inf ``eps``) and correct on the clean image."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise RuntimeError("the AutoAttack row needs the 'pyautoattack' package (pip install pyautoattack)") from e
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    n = len(y)
+    robust = torch.zeros(n, dtype=torch.bool)
+    state = Path(state_dir) if state_dir is not None else None
+    if state is not None:
+        state.mkdir(parents=True, exist_ok=True)
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed % 2**31)
+    for start in tqdm(range(0, n, chunk), desc="AutoAttack", unit="chunk", disable=not progress, leave=False):
+        idx = clean[start : start + chunk].nonzero().squeeze(1) + start
+        if len(idx) == 0:
+            continue
+        xc = x[idx]
+        xc = to_float_images(xc, device, channels_last) if xc.dtype == torch.uint8 else xc.to(device).float()
+        yc = y[idx].to(device)
+        path = None
+        if state is not None:
+            path = state / f"aa-{_chunk_key(fingerprint, eps, seed, xc, yc)}.safetensors"
+        if path is not None and path.exists():
+            x_adv = load_file(str(path))["x_adv"].to(device)
+        else:
+            x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=batch_size)
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                save_file({"x_adv": x_adv.detach().cpu().contiguous()}, str(tmp))
+                tmp.replace(path)
+        x_adv = x_adv.to(xc.dtype)
+        if channels_last and x_adv.dim() == 4:
+            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+        check_adversary(xc, x_adv, eps)
+        ok = torch.zeros(len(idx), dtype=torch.bool)
+        with torch.no_grad():
+            for b in range(0, len(idx), batch_size):
+                ok[b : b + batch_size] = (model(x_adv[b : b + batch_size]).argmax(1) == yc[b : b + batch_size]).cpu()
+        robust[idx] = ok
+    return robust

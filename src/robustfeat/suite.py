@@ -1,0 +1,448 @@
+"""The evaluation suite: every accuracy of the paper's robustness tables, AutoAttack and
+gradient-masking checks, for any model that maps [0, 1] images to logits.
+
+A suite is a list of rows (``Row``). Rows that share an attack (same loss, eps, step size, restarts)
+and differ only in the number of steps are computed by *one* PGD run that records, per example, the
+first misclassified iterate (``pgd_budgets``): PGD-5/20/100/200 cost 200 steps, not 325, and give
+exactly what four separate ``attacks.pgd(keep_best=True)`` calls with the same generator give.
+
+Counting: an example counts as robust under a row only if the model classifies the clean image *and*
+the adversarial image correctly (the clean image is itself a point of the eps-ball), so no attacked
+row can exceed natural accuracy. Clean predictions are computed once and only correctly classified
+examples are attacked. Every adversarial batch passes ``check_adversary`` before it is counted.
+
+Black-box rows craft adversaries on a source model (an independently trained copy) using the source's
+gradients only (last iterate, as Madry et al.), then classify them with the target under no_grad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attacks import LOSSES, _expand, _project, attack_mode
+from .config import AttackConfig, ConfigError
+from .evaluate import check_adversary, to_float_images, wilson_interval
+
+SUITES = ("quick", "paper", "full")
+PGD_STEPS = (5, 20, 100, 200)
+CW_STEPS = (30, 100)
+LARGE_EPS = 0.5
+LARGE_EPS_STEPS = 50
+LARGE_EPS_MAX_ACC = 0.05
+"""The large-eps PGD row must bring accuracy to at most this, else gradient masking is suspected."""
+AA_GAP = 0.05
+"""AutoAttack more than this below the strongest PGD row is flagged."""
+BLACKBOX_TOL = 0.01
+"""Black-box accuracy more than this below the white-box accuracy of the same attack is flagged."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table. kind: natural, whitebox, blackbox, sanity (large eps) or autoattack."""
+
+    kind: str
+    loss: str = "ce"
+    steps: int = 0
+    eps: float = 0.0
+    step_size: float = 0.0
+    restarts: int = 1
+    random_start: bool = True
+    bn_mode: str = "eval"
+
+    @property
+    def id(self) -> str:
+        if self.kind in ("natural", "autoattack"):
+            return self.kind
+        name = f"{self.kind}/{'pgd' if self.loss == 'ce' else 'cw'}-{self.steps}"
+        return f"{name}-eps{self.eps:g}" if self.kind == "sanity" else name
+
+    @property
+    def title(self) -> str:
+        if self.kind == "natural":
+            return "Natural"
+        if self.kind == "autoattack":
+            return "AutoAttack (standard)"
+        attack = f"{'PGD' if self.loss == 'ce' else 'CW'} {self.steps} steps"
+        if self.kind == "sanity":
+            return f"Sanity, {attack}, eps {self.eps:g}"
+        return f"{'White box' if self.kind == 'whitebox' else 'Black box'}, {attack}"
+
+    @property
+    def group(self) -> tuple:
+        """Rows with the same group share one multi-budget PGD run."""
+        return (self.kind, self.loss, self.eps, self.step_size, self.restarts, self.random_start, self.bn_mode)
+
+
+def suite_rows(
+    suite: str,
+    *,
+    eps: float,
+    step_size: float,
+    black_box: bool = False,
+    extra_pgd_steps: Sequence[int] = (),
+    restarts: int = 1,
+    large_eps: float = LARGE_EPS,
+) -> list[Row]:
+    """The rows of a named suite.
+
+    quick: natural, PGD at ``extra_pgd_steps`` (the preset's validation attack) or PGD-20, CW-30.
+    paper: natural, PGD-5/20/100/200 (+ ``extra_pgd_steps``, e.g. MNIST's PGD-40), CW-30/100, and a
+    large-eps PGD sanity row. full: paper + AutoAttack. Black-box rows repeat the white-box attacks on
+    a source model when ``black_box``.
+    """
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    AttackConfig(eps=eps, step_size=step_size, restarts=restarts)  # validates the values
+    if suite == "quick":
+        pgd_steps, cw_steps = sorted(set(extra_pgd_steps) or {20}), [30]
+    else:
+        pgd_steps, cw_steps = sorted(set(PGD_STEPS) | set(extra_pgd_steps)), list(CW_STEPS)
+    attacks = [("ce", k) for k in pgd_steps if k > 0] + [("cw", k) for k in cw_steps]
+    rows = [Row("natural")]
+    for kind in ("whitebox", "blackbox") if black_box else ("whitebox",):
+        rows += [Row(kind, loss, k, eps, step_size, restarts) for loss, k in attacks]
+    if suite != "quick":
+        rows.append(Row("sanity", "ce", LARGE_EPS_STEPS, large_eps, 2.5 * large_eps / LARGE_EPS_STEPS, 1))
+    if suite == "full":
+        rows.append(Row("autoattack", eps=eps))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one PGD run for several step budgets
+
+
+def pgd_budgets(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    budgets: Sequence[int],
+    restarts: int = 1,
+    random_start: bool = True,
+    loss: str = "ce",
+    bn_mode: str = "eval",
+    generator: torch.Generator | None = None,
+    keep_best: bool = True,
+) -> dict[int, torch.Tensor]:
+    """{k: the adversary of ``attacks.pgd(..., steps=k)``} for every k in ``budgets``, from one run.
+
+    For each restart the trajectory x_0, x_1, ..., x_K (K = max budget) is the same whatever the
+    budget, so budget k's result is read off the first k steps: with ``keep_best`` the first
+    misclassified iterate among x_0..x_k, else (or if none) x_k; across restarts the first restart that
+    fools the model wins, as in ``attacks.pgd``.
+    """
+    loss_fn = LOSSES.get(loss)
+    x = x.detach()
+    budgets = sorted({int(k) for k in budgets})
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"budgets must be positive step counts, got {budgets}")
+    top = budgets[-1]
+    results = {k: x.clone() for k in budgets}
+    fooled = {k: torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for k in budgets}
+    if eps == 0:
+        return results
+    with attack_mode(model, bn_mode):
+        for _ in range(restarts):
+            if random_start:
+                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x_adv = (x + (2.0 * noise - 1.0) * eps).clamp_(0.0, 1.0)
+            else:
+                x_adv = x.clone()
+            for t in range(top + 1):
+                grad = None
+                if t < top:
+                    x_adv.requires_grad_(True)
+                    logits = model(x_adv)
+                    (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
+                    x_adv = x_adv.detach()
+                else:
+                    with torch.no_grad():
+                        logits = model(x_adv)
+                wrong = logits.detach().argmax(1) != y
+                for k in budgets:
+                    if t > k:
+                        continue
+                    if keep_best or t == k:
+                        newly = wrong & ~fooled[k]
+                        if keep_best:
+                            results[k] = torch.where(_expand(newly, x), x_adv, results[k])
+                        if t == k:  # end of this restart for budget k: the unfooled take x_k
+                            results[k] = torch.where(_expand(fooled[k], x), results[k], x_adv)
+                        fooled[k] |= newly
+                if grad is not None:
+                    x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
+    return {k: v.detach() for k, v in results.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the evaluation
+
+
+def _seed_tag(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _derived(seed: int, *tags: int) -> int:
+    from .train import derived_seed
+
+    return derived_seed(seed, *tags)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's state (names, shapes, values): which weights were evaluated."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Examples per attack batch: large on a GPU (scaled by its memory), modest on a CPU."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return 1000 if total >= 40 * 2**30 else 500
+    return 250
+
+
+class _EvalMode:
+    def __init__(self, *models: nn.Module | None):
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self):
+        self.states = [[(m, m.training) for m in model.modules()] for model in self.models]
+        for model in self.models:
+            model.eval()
+
+    def __exit__(self, *exc):
+        for states in self.states:
+            for m, was in states:
+                m.training = was
+
+
+def _batches(n: int, batch_size: int, desc: str, progress: bool):
+    return tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
+
+
+def evaluate_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    suite: str = "paper",
+    rows: Sequence[Row] | None = None,
+    source: nn.Module | None = None,
+    extra_pgd_steps: Sequence[int] = (),
+    restarts: int = 1,
+    large_eps: float = LARGE_EPS,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+    progress: bool = True,
+    autoattack_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` ([0, 1] images -> logits) on (x, y) with a suite's rows.
+
+    ``x``: uint8 (N, C, H, W) or float in [0, 1]; ``y``: (N,) labels. ``source``: the model black-box
+    adversaries are crafted on (adds black-box rows). ``rows`` overrides ``suite``. ``autoattack_dir``:
+    where AutoAttack keeps finished chunks so an interrupted evaluation resumes.
+    Returns {"settings", "n", "rows": [...], "checks": [...], "masking_suspected", "per_example"}.
+    Raises ``InvalidAdversary`` if any adversarial batch leaves the threat model.
+    """
+    device = torch.device(device)
+    custom = rows is not None
+    if rows is None:
+        rows = suite_rows(suite, eps=eps, step_size=step_size, black_box=source is not None,
+                          extra_pgd_steps=extra_pgd_steps, restarts=restarts, large_eps=large_eps)
+    rows = list(rows)
+    if any(r.kind == "blackbox" for r in rows) and source is None:
+        raise ConfigError("black-box rows need a source model (--source RUN_DIR)")
+    n = len(y)
+    if n == 0:
+        raise ConfigError("nothing to evaluate: 0 examples")
+    batch_size = batch_size or default_batch_size(device)
+    y = y.to(torch.long)
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = x[i : i + batch_size]
+        xb = to_float_images(xb, device, channels_last) if xb.dtype == torch.uint8 else xb.to(device).float()
+        return xb, y[i : i + batch_size].to(device)
+
+    flags: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    with _EvalMode(model, source):  # BN running statistics are used and never updated; modes restored after
+        with torch.no_grad():
+            # clean predictions, once: every row counts only examples classified correctly here
+            t0 = time.time()
+            clean = torch.zeros(n, dtype=torch.bool)
+            for i in _batches(n, batch_size, "natural", progress):
+                xb, yb = batch(i)
+                clean[i : i + batch_size] = (model(xb).argmax(1) == yb).cpu()
+            flags["natural"], seconds["natural"] = clean, time.time() - t0
+
+        groups: dict[tuple, list[Row]] = {}
+        for r in rows:
+            if r.kind in ("whitebox", "blackbox", "sanity"):
+                groups.setdefault(r.group, []).append(r)
+        for members in groups.values():
+            _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds)
+        if any(r.kind == "autoattack" for r in rows):
+            from .autoattack_row import run_autoattack
+
+            t0 = time.time()
+            flags["autoattack"] = run_autoattack(
+                model, x, y, clean, eps=eps, seed=seed, batch_size=batch_size, device=device,
+                channels_last=channels_last, state_dir=autoattack_dir, progress=progress,
+                fingerprint=model_fingerprint(model))
+            seconds["autoattack"] = time.time() - t0
+
+    out_rows = []
+    for r in rows:
+        f = flags[r.id]
+        correct = int(f.sum())
+        out_rows.append({
+            "id": r.id, "title": r.title, **asdict(r),
+            "n": n, "correct": correct, "accuracy": correct / n,
+            "ci95": list(wilson_interval(correct, n)), "seconds": round(seconds.get(r.id, 0.0), 2),
+        })
+    checks = masking_checks(out_rows)
+    return {
+        "settings": {
+            "suite": "custom" if custom else suite, "eps": eps, "step_size": step_size,
+            "restarts": restarts, "random_start": True, "bn_mode": "eval", "seed": seed,
+            "batch_size": batch_size, "device": str(device), "large_eps": large_eps,
+            "counting": "robust = clean prediction correct and adversarial prediction correct",
+        },
+        "n": n,
+        "model_fingerprint": model_fingerprint(model),
+        "source_fingerprint": model_fingerprint(source) if source is not None else None,
+        "rows": out_rows,
+        "checks": checks,
+        "masking_suspected": any(c["status"] == "flagged" for c in checks),
+        "per_example": flags,
+    }
+
+
+def _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds) -> None:
+    """One multi-budget PGD run per batch for rows that differ only in their step count."""
+    r0 = members[0]
+    budgets = sorted({r.steps for r in members})
+    robust = {k: torch.zeros(n, dtype=torch.bool) for k in budgets}
+    attacker = source if r0.kind == "blackbox" else model
+    desc = f"{r0.kind} {'PGD' if r0.loss == 'ce' else 'CW'}-{'/'.join(map(str, budgets))}"
+    tag = _seed_tag(repr(r0.group))
+    t0 = time.time()
+    for i in _batches(n, batch_size, desc, progress):
+        idx = clean[i : i + batch_size].nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        xb, yb = batch(i)
+        dev_idx = idx.to(xb.device)
+        xs, ys = xb[dev_idx], yb[dev_idx]
+        gen = torch.Generator(device=xs.device).manual_seed(_derived(seed, tag, i))
+        advs = pgd_budgets(attacker, xs, ys, eps=r0.eps, step_size=r0.step_size, budgets=budgets,
+                           restarts=r0.restarts, random_start=r0.random_start, loss=r0.loss,
+                           bn_mode=r0.bn_mode, generator=gen, keep_best=r0.kind != "blackbox")
+        for k, xa in advs.items():
+            check_adversary(xs, xa, r0.eps)
+            with torch.no_grad():
+                ok = (model(xa).argmax(1) == ys).cpu()
+            robust[k][i + idx] = ok
+    per_row = (time.time() - t0) / len(members)
+    for r in members:
+        flags[r.id], seconds[r.id] = robust[r.steps], per_row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradient-masking checks
+
+
+def masking_checks(rows: list[dict]) -> list[dict]:
+    """Signs of gradient masking in a result's rows; each check is 'pass', 'flagged' or 'skipped'.
+
+    1. accuracy never rises with more PGD (or CW) steps; 2. black-box accuracy not below white-box
+    (more than BLACKBOX_TOL); 3. PGD with a large eps drives accuracy to at most LARGE_EPS_MAX_ACC;
+    4. AutoAttack not more than AA_GAP below the strongest white-box PGD row.
+    """
+    by_id = {r["id"]: r for r in rows}
+    checks = []
+
+    def add(name: str, status: str, detail: str) -> None:
+        checks.append({"name": name, "status": status, "detail": detail})
+
+    for loss, label in (("ce", "PGD"), ("cw", "CW")):
+        wb = sorted((r for r in rows if r["kind"] == "whitebox" and r["loss"] == loss), key=lambda r: r["steps"])
+        if len(wb) < 2:
+            add(f"monotone_{label.lower()}", "skipped", f"fewer than two white-box {label} rows")
+            continue
+        rises = [f"{a['steps']}->{b['steps']} steps: {a['accuracy']:.2%} -> {b['accuracy']:.2%}"
+                 for a, b in itertools.pairwise(wb) if b["correct"] > a["correct"]]
+        add(f"monotone_{label.lower()}", "flagged" if rises else "pass",
+            ("accuracy rises with more steps (" + "; ".join(rises) + ")") if rises
+            else f"accuracy non-increasing over {label}-" + "/".join(str(r["steps"]) for r in wb))
+
+    pairs = [(by_id[r["id"].replace("blackbox/", "whitebox/")], r) for r in rows
+             if r["kind"] == "blackbox" and r["id"].replace("blackbox/", "whitebox/") in by_id]
+    if not pairs:
+        add("blackbox_not_below_whitebox", "skipped", "no black-box rows (evaluate with --source)")
+    else:
+        low = [f"{b['title']}: {b['accuracy']:.2%} < white box {w['accuracy']:.2%}"
+               for w, b in pairs if b["accuracy"] < w["accuracy"] - BLACKBOX_TOL]
+        add("blackbox_not_below_whitebox", "flagged" if low else "pass",
+            "; ".join(low) if low else f"every black-box row >= its white-box row - {BLACKBOX_TOL:.0%}")
+
+    sanity = [r for r in rows if r["kind"] == "sanity"]
+    if not sanity:
+        add("large_eps_near_zero", "skipped", "no large-eps row (suite paper or full)")
+    else:
+        s = sanity[0]
+        bad = s["accuracy"] > LARGE_EPS_MAX_ACC
+        add("large_eps_near_zero", "flagged" if bad else "pass",
+            f"PGD-{s['steps']} with eps {s['eps']:g}: {s['accuracy']:.2%} "
+            f"({'above' if bad else 'at most'} {LARGE_EPS_MAX_ACC:.0%})")
+
+    aa = by_id.get("autoattack")
+    wb_pgd = [r for r in rows if r["kind"] == "whitebox" and r["loss"] == "ce"]
+    if aa is None or not wb_pgd:
+        add("autoattack_vs_pgd", "skipped", "no AutoAttack row (suite full)" if aa is None else "no PGD row")
+    else:
+        strongest = max(wb_pgd, key=lambda r: r["steps"])
+        gap = strongest["accuracy"] - aa["accuracy"]
+        bad = gap > AA_GAP
+        add("autoattack_vs_pgd", "flagged" if bad else "pass",
+            f"AutoAttack {aa['accuracy']:.2%} vs PGD-{strongest['steps']} {strongest['accuracy']:.2%} "
+            f"(gap {gap * 100:.2f} points, limit {AA_GAP * 100:g})")
+    return checks
+
+
+def replace_eps(rows: Sequence[Row], eps: float, step_size: float) -> list[Row]:
+    """The same rows with another eps / step size (the sanity row keeps its own)."""
+    return [r if r.kind in ("natural", "sanity") else replace(r, eps=eps, step_size=step_size) for r in rows]
+
+
+def to_json(result: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "per_example"}, indent=2)

@@ -1,0 +1,72 @@
+"""Render an evaluation result (``robustfeat.suite``) as a markdown table in the paper's layout and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+_KIND_ORDER = {"natural": 0, "whitebox": 1, "blackbox": 2, "autoattack": 3, "sanity": 4}
+
+
+def ordered_rows(result: dict[str, Any]) -> list[dict]:
+    """Natural, white box (PGD by steps, then CW), black box (same), AutoAttack, sanity: the paper's order."""
+    return sorted(result["rows"], key=lambda r: (_KIND_ORDER[r["kind"]], r["loss"] != "ce", r["steps"]))
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}%"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    paper = result.get("paper")
+    m = result.get("model", {})
+    s = result["settings"]
+    lines = [f"# Robustness evaluation: {m.get('preset', 'model')}", ""]
+    if m.get("checkpoint"):
+        lines.append(f"- checkpoint: `{m['checkpoint']}` (step {m.get('step')}, sha256 {m.get('sha256', '')[:16]})")
+    if result.get("source"):
+        src = result["source"]
+        lines.append(f"- black-box source: `{src.get('checkpoint')}` (seed {src.get('seed')})")
+    lines.append(f"- {result['n']:,} test examples ({result.get('subset', 'full test set')}); "
+                 f"eps {s['eps']:.6g}, step {s['step_size']:.6g}, restarts {s['restarts']}, random start, "
+                 f"seed {s['seed']}")
+    lines.append("- an example counts as robust only if its clean image is also classified correctly")
+    head = ["Method", "Ours", "95% CI", "n"]
+    if paper:
+        head.append(f"Paper ({paper['table']}, {paper['column']})")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ordered_rows(result):
+        lo, hi = r["ci95"]
+        cells = [r["title"], _pct(100 * r["accuracy"]), f"{100 * lo:.2f}-{100 * hi:.2f}", f"{r['n']:,}"]
+        if paper:
+            cells.append(_pct(paper["rows"].get(r["id"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    if paper and paper.get("note"):
+        lines += ["", f"Note: {paper['note']}"]
+    lines += ["", "## Gradient-masking checks", "", "| check | status | detail |", "|---|---|---|"]
+    for c in result["checks"]:
+        status = "**FLAGGED**" if c["status"] == "flagged" else c["status"]
+        lines.append(f"| {c['name']} | {status} | {c['detail']} |")
+    verdict = ("gradient masking suspected: the white-box numbers above are not trustworthy"
+               if result["masking_suspected"] else "no sign of gradient masking in the checks that ran")
+    lines += ["", f"Verdict: {verdict}.", ""]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ("id", "title", "kind", "loss", "steps", "eps", "step_size", "restarts", "n", "correct",
+              "accuracy", "ci95_low", "ci95_high", "paper", "seconds")
+
+
+def render_csv(result: dict[str, Any]) -> str:
+    paper = (result.get("paper") or {}).get("rows", {})
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for r in ordered_rows(result):
+        p = paper.get(r["id"])
+        w.writerow([r["id"], r["title"], r["kind"], r["loss"], r["steps"], f"{r['eps']:.8g}",
+                    f"{r['step_size']:.8g}", r["restarts"], r["n"], r["correct"], f"{r['accuracy']:.6f}",
+                    f"{r['ci95'][0]:.6f}", f"{r['ci95'][1]:.6f}", "" if p is None else f"{p / 100:.4f}",
+                    r["seconds"]])
+    return buf.getvalue()

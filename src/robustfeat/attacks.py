@@ -79,6 +79,21 @@ def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
+def start_noise(
+    shape: torch.Size | tuple[int, ...],
+    restarts: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The uniform [0, 1) draws of PGD's random starts, (restarts, *shape): one ``torch.rand`` call of
+    ``shape`` per restart, in order, from ``generator`` (the stream ``pgd`` has always consumed)."""
+    return torch.stack(
+        [torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype) for _ in range(restarts)]
+    )
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -93,6 +108,7 @@ def pgd(
     bn_mode: str = "eval",
     generator: torch.Generator | None = None,
     keep_best: bool = True,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """l_inf PGD (Madry et al. 2017): x' <- clip_{x, eps}(x' + step_size * sign(grad_x' loss)).
 
@@ -103,6 +119,9 @@ def pgd(
             later iterates are classified correctly again. This makes accuracy non-increasing in
             ``steps`` for a fixed seed (a longer run extends the shorter one's trajectory), at the cost
             of one extra forward pass. Training turns it off and uses the last iterate (Madry et al.).
+        noise: the uniform [0, 1) draws of the random starts, (restarts, B, C, H, W); None draws them
+            from ``generator`` (``start_noise``). A data-parallel rank passes its rows of the global
+            batch's draws, so its starts equal those of a single process on the whole batch.
     Returns:
         x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
     """
@@ -112,11 +131,14 @@ def pgd(
         return x.clone()
     result = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if random_start and noise is None:
+        noise = start_noise(x.shape, restarts, generator=generator, device=x.device, dtype=x.dtype)
+    if noise is not None and tuple(noise.shape) != (restarts, *x.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(restarts, *x.shape)}")
     with attack_mode(model, bn_mode):
-        for _ in range(restarts):
+        for r in range(restarts):
             if random_start:
-                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x_adv = (x + (2.0 * noise - 1.0) * eps).clamp_(0.0, 1.0)
+                x_adv = (x + (2.0 * noise[r] - 1.0) * eps).clamp_(0.0, 1.0)
             else:
                 x_adv = x.clone()
             for _ in range(steps):
@@ -150,6 +172,7 @@ def attack_from_config(
     keep_best: bool = True,
     eps: float | None = None,
     step_size: float | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the attack an ``AttackConfig`` describes (eps / step_size may be overridden, for warm-ups)."""
     return pgd(
@@ -165,4 +188,5 @@ def attack_from_config(
         bn_mode=cfg.bn_mode,
         generator=generator,
         keep_best=keep_best,
+        noise=noise,
     )

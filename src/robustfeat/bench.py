@@ -1,0 +1,576 @@
+"""``robustfeat bench``: training and evaluation throughput on the current device, against a textbook loop.
+
+For each case (a preset: its model, method, batch, optimizer and training attack, unchanged):
+
+* **train / ours**: the step of ``robustfeat.train`` (on-device uint8 data with batched augmentation,
+  channels_last per ``run.channels_last``, attack steps with input gradients only, the non-finite check);
+* **train / textbook**: an independent plain implementation of the same step as most public
+  adversarial-training code writes it (``textbook_trainer``): a ``DataLoader`` over a dataset with
+  per-sample transforms, batches copied to the device each step, default (NCHW) memory layout, PGD
+  whose ``loss.backward()`` also computes (and then zeroes) the parameters' gradients, ``loss.item()``
+  each step. Same model, batch, optimizer and attack;
+* **eval**: PGD with the preset's evaluation attack (PGD-20 on CIFAR, PGD-40 on MNIST) plus the
+  final prediction, model in eval mode, keep-best iterates as ``robustfeat eval`` uses them.
+
+Each is warmed up (``--warmup`` steps), then timed ``--repeats`` times over ``--steps`` steps; the
+median, min and max examples/s are reported. Floating-point work per example is counted with
+``torch.utils.flop_counter.FlopCounterMode`` on one step (attack included; it counts matmuls and
+convolutions, i.e. the dense work), giving the achieved GFLOP/s and its ratio to the device's dense
+fp32 matrix-multiply rate, measured here by timing an N x N ``torch.mm`` (``--matmul-size``).
+
+Optional variants isolate single choices: ``ours-nchw`` (channels_last off) and ``ours-nosync`` (no
+per-step ``isfinite`` host sync). ``--profile`` adds the operator profile of one step of the first case.
+
+Data are synthetic uint8 images of the dataset's shape (speed does not depend on pixel values, and
+no download is needed). Results: ``--json`` prints JSON; ``--out results/bench`` writes
+``<device>-<date>.json`` and ``.md`` with the command, machine, revision and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PRESETS = (
+    "mnist-at", "mnist-at-reg",
+    "cifar10-at", "cifar10-at-att-reg",
+    "cifar10-wide3-at", "cifar10-wide3-at-att-reg",
+)
+DEFAULT_VARIANTS = ("ours", "textbook")
+ALL_VARIANTS = ("ours", "ours-nchw", "ours-nosync", "textbook")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing helpers
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    med = statistics.median(values)
+    return {"median": round(med, 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "spread": round((max(values) - min(values)) / med, 4) if med else 0.0, "n": len(values)}
+
+
+def time_throughput(step: Callable[[int], Any], examples_per_step: int, device, *, warmup: int, repeats: int,
+                    steps: int) -> dict[str, float]:
+    """examples/s of ``step(i)`` for i = 0, 1, ...: ``warmup`` untimed steps, then ``repeats`` timings of
+    ``steps`` steps each (device synchronized around each timing)."""
+    i = 0
+    for _ in range(warmup):
+        step(i)
+        i += 1
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(i)
+            i += 1
+        _sync(device)
+        rates.append(steps * examples_per_step / (time.perf_counter() - t0))
+    return _stats(rates)
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: its backward hooks break ``torch.autograd.grad``
+    with respect to a leaf input (what PGD does), and only the global total is needed here."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls and convolutions, forward and backward),
+    with ``torch.utils.flop_counter``'s formulas."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_gflops(device, n: int = 2048, repeats: int = 5, warmup: int = 2) -> dict[str, Any]:
+    """Dense fp32 matrix-multiply rate of ``device``: GFLOP/s of ``torch.mm`` on n x n matrices."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g)
+    b = torch.randn(n, n, device=device, generator=g)
+    c = torch.empty(n, n, device=device)
+    for _ in range(warmup):
+        torch.mm(a, b, out=c)
+    _sync(device)
+    rates = []
+    inner = max(1, int(4e9 // (2 * n**3))) if device.type == "cuda" else 1
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+        _sync(device)
+        rates.append(inner * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return {"n": n, "dtype": "float32", "gflops": _stats(rates)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the two training steps
+
+
+def _synthetic(cfg, n: int, seed: int = 0):
+    import torch
+
+    shape = (1, 28, 28) if cfg.data.name.startswith("mnist") else (3, 32, 32)
+    classes = 100 if cfg.data.name == "cifar100" and not cfg.data.coarse_labels else (
+        20 if cfg.data.name == "cifar100" else 10)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y, classes
+
+
+def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool | None = None,
+                sync: bool = True):
+    """(model, step) with ``step(i)`` = one step of ``robustfeat.train`` at full attack strength."""
+    import torch
+
+    from .attacks import attack_from_config
+    from .build import build_model
+    from .data import DeviceLoader
+    from .methods import METHODS, method_loss
+    from .train import ATTACK_STREAM, derived_seed, make_optimizer
+
+    cl = cfg.run.channels_last if channels_last is None else channels_last
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes, x_u8.shape[1]).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(cfg, model)
+    loader = DeviceLoader(x_u8, y, batch_size=cfg.optim.batch_size, device=device, augment=cfg.data.augment,
+                          seed=0, channels_last=cl)
+    spec = METHODS.get(cfg.method.name)
+    lam = cfg.lam
+    gen = torch.Generator(device=device)
+
+    def step(i: int) -> None:
+        model.train()
+        x, yb = loader.batch(i)
+        x_adv = None
+        if spec.adversarial:
+            gen.manual_seed(derived_seed(0, ATTACK_STREAM, i))
+            x_adv = attack_from_config(model, x, yb, cfg.attack, generator=gen, keep_best=False)
+        model.train()
+        loss, _ = method_loss(model, x, x_adv, yb, lam)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sync and not torch.isfinite(loss):
+            raise RuntimeError("non-finite loss")
+        opt.step()
+
+    return model, step
+
+
+class _PerSampleDataset:
+    """A map-style dataset of uint8 CHW images with a per-sample transform (the usual torchvision way)."""
+
+    def __init__(self, x_u8, y, transform):
+        self.x, self.y, self.transform = x_u8, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.x[i]), int(self.y[i])
+
+
+def _to_tensor(img):
+    return img.float() / 255.0
+
+
+def _crop_flip(img, pad: int = 4):
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    padded = F.pad(img, (pad, pad, pad, pad))
+    top = int(torch.randint(0, 2 * pad + 1, (1,)))
+    left = int(torch.randint(0, 2 * pad + 1, (1,)))
+    out = padded[:, top : top + h, left : left + w]
+    if torch.rand(1).item() < 0.5:
+        out = out.flip(2)
+    return out
+
+
+def textbook_trainer(cfg, x_u8, y, num_classes: int, device, workers: int = 0):
+    """(model, step): the plain adversarial-training step of typical public code, same model and attack."""
+    import torch
+    import torch.nn.functional as F
+
+    from .build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes, x_u8.shape[1]).to(device)
+    params = list(model.parameters())
+    wd = [p for p in params if p.ndim > 1]
+    nd = [p for p in params if p.ndim <= 1]
+    groups = [{"params": wd, "weight_decay": cfg.optim.weight_decay}, {"params": nd, "weight_decay": 0.0}]
+    if cfg.optim.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    else:
+        opt = torch.optim.Adam(groups, lr=cfg.optim.lr)
+
+    def transform(img):
+        img = _to_tensor(img)
+        return _crop_flip(img) if cfg.data.augment else img
+
+    ds = _PerSampleDataset(x_u8, y, transform)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
+                                     num_workers=workers)
+    a = cfg.attack
+    lam = cfg.lam
+    regularized = cfg.method.name in ("at-reg", "at-att-reg") and lam > 0
+    state = {"it": iter(dl)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(dl)
+            return next(state["it"])
+
+    def attack(x, yb):
+        x_adv = x + torch.empty_like(x).uniform_(-a.eps, a.eps) if a.random_start else x.clone()
+        x_adv = torch.clamp(x_adv, 0, 1)
+        for _ in range(a.steps):
+            x_adv.requires_grad_(True)
+            loss = F.cross_entropy(model(x_adv), yb)
+            model.zero_grad()
+            loss.backward()  # parameters' gradients are computed too, then thrown away
+            with torch.no_grad():
+                x_adv = x_adv + a.step_size * x_adv.grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - a.eps), x + a.eps).clamp(0, 1)
+        return x_adv.detach()
+
+    def step(i: int) -> float:
+        model.train()
+        x, yb = next_batch()
+        x, yb = x.to(device), yb.to(device)
+        x_adv = attack(x, yb) if cfg.method.name != "natural" else x
+        feats_adv = model.forward_features(x_adv)
+        loss = F.cross_entropy(model.forward_head(feats_adv), yb)
+        if regularized:
+            feats = model.forward_features(x)
+            loss = loss + lam * (feats - feats_adv).norm(dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return model, step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one case
+
+
+def _eval_step(model, cfg, x_u8, y, device, batch: int, channels_last: bool):
+    import torch
+
+    from .attacks import attack_from_config
+    from .evaluate import to_float_images
+
+    xb = to_float_images(x_u8[:batch], device, channels_last)
+    yb = y[:batch].to(device)
+    gen = torch.Generator(device=device)
+
+    def step(i: int) -> None:
+        model.eval()
+        gen.manual_seed(i)
+        x_adv = attack_from_config(model, xb, yb, cfg.eval_attack, generator=gen, keep_best=True)
+        with torch.no_grad():
+            model(x_adv).argmax(1)
+
+    return step
+
+
+def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, steps: int, batch: int | None,
+               attack_steps: int | None, eval_steps: int | None, do_eval: bool, data_size: int,
+               workers: int, peak: float | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    from .config import load_config
+
+    ov = list(overrides or [])
+    if batch:
+        ov.append(f"optim.batch_size={batch}")
+    if attack_steps is not None:
+        ov.append(f"attack.steps={attack_steps}")
+    if eval_steps is not None:
+        ov.append(f"eval_attack.steps={eval_steps}")
+    cfg = load_config(preset, overrides=ov)
+    b = cfg.optim.batch_size
+    x_u8, y, classes = _synthetic(cfg, max(data_size, 2 * b))
+    a, ea = cfg.attack, cfg.eval_attack
+    case: dict[str, Any] = {
+        "preset": preset, "model": cfg.model.name, "method": cfg.method.name, "lam": cfg.lam, "batch": b,
+        "optimizer": cfg.optim.name, "augment": cfg.data.augment, "channels_last": cfg.run.channels_last,
+        "attack": {"steps": a.steps, "eps": round(a.eps, 6), "step_size": round(a.step_size, 6),
+                   "bn_mode": a.bn_mode},
+        "train": {},
+    }
+
+    def gf(flops_per_example: float, rate: dict[str, float]) -> dict[str, Any]:
+        out = {"gflops": round(flops_per_example * rate["median"] / 1e9, 2)}
+        if peak:
+            out["peak_fraction"] = round(out["gflops"] / peak, 4)
+        return out
+
+    ours_model = None
+    for v in variants:
+        if v == "textbook":
+            model, step = textbook_trainer(cfg, x_u8, y, classes, device, workers=workers)
+        else:
+            model, step = our_trainer(cfg, x_u8, y, classes, device,
+                                      channels_last=False if v == "ours-nchw" else None,
+                                      sync=v != "ours-nosync")
+        flops = count_flops(lambda step=step: step(10_000)) / b
+        rate = time_throughput(step, b, device, warmup=warmup, repeats=repeats, steps=steps)
+        case["train"][v] = {"examples_per_s": rate, "flops_per_example": round(flops), **gf(flops, rate)}
+        if v == "ours":
+            ours_model = model
+    t = case["train"]
+    if "ours" in t:  # achieved rates are of the useful work: our step's FLOPs
+        useful = t["ours"]["flops_per_example"]
+        for v in t:
+            t[v].update(gf(useful, t[v]["examples_per_s"]))
+            t[v]["useful_flops_per_example"] = useful
+        for v in t:
+            if v != "ours":
+                t["ours"][f"speedup_vs_{v}"] = round(t["ours"]["examples_per_s"]["median"]
+                                                    / t[v]["examples_per_s"]["median"], 3)
+    if do_eval:
+        if ours_model is None:
+            ours_model, _ = our_trainer(cfg, x_u8, y, classes, device)
+        eb = min(max(b, 200), len(x_u8))
+        step = _eval_step(ours_model, cfg, x_u8, y, device, eb, cfg.run.channels_last)
+        flops = count_flops(lambda: step(0)) / eb
+        rate = time_throughput(step, eb, device, warmup=max(1, min(warmup, 2)), repeats=repeats,
+                               steps=max(1, steps // 2))
+        case["eval"] = {"attack": f"PGD-{ea.steps}", "restarts": ea.restarts, "batch": eb,
+                        "examples_per_s": rate, "flops_per_example": round(flops), **gf(flops, rate)}
+    return case
+
+
+def profile_step(preset: str, device, overrides: list[str], row_limit: int = 20) -> str:
+    """torch.profiler table (self time) of 3 steps of our training step, after 2 warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .config import load_config
+
+    cfg = load_config(preset, overrides=overrides)
+    x_u8, y, classes = _synthetic(cfg, 2 * cfg.optim.batch_size)
+    _, step = our_trainer(cfg, x_u8, y, classes, device)
+    step(0)
+    step(1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(2, 5):
+            step(i)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .build import resolve_device
+    from .config import ConfigError
+    from .train import git_revision, machine_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in ALL_VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {v!r}; known: {', '.join(ALL_VARIANTS)}")
+    report: dict[str, Any] = {
+        "command": getattr(args, "command_line", None) or "robustfeat bench (from Python)",
+        "revision": git_revision(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(device),
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "steps": args.steps, "batch": args.batch,
+                     "attack_steps": args.attack_steps, "eval_steps": args.eval_steps,
+                     "data_size": args.data_size, "textbook_workers": args.workers, "variants": variants,
+                     "data": "synthetic uint8 images of the dataset's shape"},
+    }
+    mm = None if args.matmul_size == 0 else matmul_gflops(device, args.matmul_size, repeats=max(3, args.repeats))
+    report["matmul"] = mm
+    peak = mm["gflops"]["median"] if mm else None
+    cases = []
+    for p in presets:
+        if not args.json:
+            print(f"[bench] {p} ...", file=sys.stderr, flush=True)
+        cases.append(bench_case(p, device, variants=variants, warmup=args.warmup, repeats=args.repeats,
+                                steps=args.steps, batch=args.batch, attack_steps=args.attack_steps,
+                                eval_steps=args.eval_steps, do_eval=not args.no_eval,
+                                data_size=args.data_size, workers=args.workers, peak=peak,
+                                overrides=list(args.set or [])))
+    report["cases"] = cases
+    if args.profile and presets:
+        report["profile"] = {"preset": presets[0], "table": profile_step(presets[0], device, _overrides(args))}
+    return report
+
+
+def _overrides(args) -> list[str]:
+    ov = list(args.set or [])
+    if args.batch:
+        ov.append(f"optim.batch_size={args.batch}")
+    if args.attack_steps is not None:
+        ov.append(f"attack.steps={args.attack_steps}")
+    return ov
+
+
+def format_table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    mm = report.get("matmul")
+    lines = [f"robustfeat bench on {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
+             + f", {m['cpu_count']} CPUs, {m['threads']} threads, torch {m['torch']}, rev {report['revision']}",
+             f"date {report['date']}; command: {report['command']}"]
+    if mm:
+        g = mm["gflops"]
+        lines.append(f"fp32 matmul {mm['n']}x{mm['n']}: {g['median']:.1f} GFLOP/s (min {g['min']:.1f}, "
+                     f"max {g['max']:.1f})")
+    head = ("preset", "what", "ex/s median", "min-max", "MFLOP/ex", "GFLOP/s", "% matmul", "speedup")
+    rows = [head]
+    for c in report["cases"]:
+        items = [(f"train {v} (PGD-{c['attack']['steps']})", d) for v, d in c["train"].items()]
+        if "eval" in c:
+            items.append((f"eval {c['eval']['attack']}", c["eval"]))
+        for what, d in items:
+            r = d["examples_per_s"]
+            sp = d.get("speedup_vs_textbook")
+            rows.append((c["preset"], what, f"{r['median']:.1f}", f"{r['min']:.1f}-{r['max']:.1f}",
+                         f"{d['flops_per_example'] / 1e6:.1f}", f"{d['gflops']:.1f}",
+                         f"{100 * d['peak_fraction']:.1f}" if "peak_fraction" in d else "-",
+                         f"{sp:.2f}x" if sp else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines.append("")
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append("")
+    lines.append("MFLOP/ex: the variant's own matmul+conv work per example; GFLOP/s and % matmul: useful work "
+                 "(our step's FLOPs) per second. speedup: ours over the textbook loop.")
+    return "\n".join(lines)
+
+
+def write_results(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = report["machine"]
+    dev = m["device"].split(":")[0]
+    if "gpu" in m:
+        dev = "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in m["gpu"]).strip("-").lower()
+    stem = f"{dev}-{report['date'][:10]}"
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    js.write_text(json.dumps(report, indent=2) + "\n")
+    text = [f"# robustfeat bench: {stem}", "", f"- command: `{report['command']}`",
+            f"- revision: {report['revision']}", f"- date: {report['date']}",
+            f"- machine: {json.dumps(m)}", f"- settings: {json.dumps(report['settings'])}", "",
+            "```", format_table(report), "```", ""]
+    if "profile" in report:
+        text += [f"## Profile of our step ({report['profile']['preset']})", "", "```",
+                 report["profile"]["table"], "```", ""]
+    md.write_text("\n".join(text))
+    return js, md
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+
+_OPTIONS = ("presets", "variants", "warmup", "repeats", "steps", "batch", "attack_steps", "eval_steps",
+            "no_eval", "data_size", "workers", "matmul_size", "device", "threads", "set", "profile", "json", "out")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``robustfeat bench`` command that reproduces ``args`` (every option spelled out)."""
+    parts = ["robustfeat", "bench"]
+    for name in _OPTIONS:
+        v = getattr(args, name, None)
+        flag = "--" + name.replace("_", "-")
+        if v is None or v is False:
+            continue
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, list):
+            parts += [x for item in v for x in (flag, item)]
+        else:
+            parts += [flag, str(v)]
+    return " ".join(parts)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    args.command_line = command_line(args)
+    report = run_bench(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+        if "profile" in report:
+            print(report["profile"]["table"])
+    if args.out:
+        js, md = write_results(report, args.out)
+        print(f"written to {js} and {md}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def register_cli(sub) -> None:
+    s = sub.add_parser(
+        "bench", help="training / PGD evaluation throughput and FLOP/s, against a textbook loop",
+        description="Measure, on this device, training throughput (attack included) of our step and of a "
+        "textbook adversarial-training loop, PGD evaluation throughput, FLOPs per example and the achieved "
+        "fraction of the device's fp32 matmul rate. For results/bench/: run on a quiet machine with the "
+        "defaults and --out results/bench (see benchmarks/README.md).",
+    )
+    s.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
+                   help=f"comma-separated presets to measure (default {','.join(DEFAULT_PRESETS)})")
+    s.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"training steps to time: {', '.join(ALL_VARIANTS)} (default ours,textbook)")
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
+    s.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5); median and spread")
+    s.add_argument("--steps", type=int, default=2, help="training steps per timed repeat (default 2)")
+    s.add_argument("--batch", type=int, help="batch size (default: the preset's)")
+    s.add_argument("--attack-steps", type=int, help="training attack steps (default: the preset's)")
+    s.add_argument("--eval-steps", type=int, help="evaluation PGD steps (default: the preset's, PGD-20 on CIFAR)")
+    s.add_argument("--no-eval", action="store_true", help="skip the PGD evaluation throughput")
+    s.add_argument("--data-size", type=int, default=2048, help="synthetic training images (default 2048)")
+    s.add_argument("--workers", type=int, default=0, help="DataLoader workers of the textbook loop (default 0)")
+    s.add_argument("--matmul-size", type=int, default=2048, help="N of the N x N fp32 matmul peak; 0 = skip")
+    s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every case")
+    s.add_argument("--profile", action="store_true", help="add the operator profile of the first case's step")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/<device>-<date>.json and .md")
+    s.set_defaults(func=cmd_bench)

@@ -9,7 +9,7 @@ never computed, and it never touches BatchNorm running statistics (see ``attack_
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,41 +125,86 @@ def pgd(
     Returns:
         x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
     """
+    if steps == 0:
+        return x.detach().clone()
+    return pgd_budgets(
+        model, x, y, eps=eps, step_size=step_size, budgets=[steps], restarts=restarts,
+        random_start=random_start, loss=loss, bn_mode=bn_mode, generator=generator,
+        keep_best=keep_best, noise=noise,
+    )[steps]
+
+
+def pgd_budgets(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    budgets: Sequence[int],
+    restarts: int = 1,
+    random_start: bool = True,
+    loss: str = "ce",
+    bn_mode: str = "eval",
+    generator: torch.Generator | None = None,
+    keep_best: bool = True,
+    noise: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """{k: the adversary of ``pgd(..., steps=k)``} for every k in ``budgets``, from one run.
+
+    This is the one PGD loop of robustfeat. For each restart the trajectory x_0, x_1, ..., x_K
+    (K = the largest budget) does not depend on the budget, so budget k's adversary is read off the
+    first k steps: with ``keep_best`` the first misclassified iterate among x_0..x_k, else (or if
+    none) x_k; across restarts, an example keeps the first restart that fools the model. PGD-5, 20,
+    100 and 200 thus cost 200 steps, not 325.
+    """
     loss_fn = LOSSES.get(loss)
     x = x.detach()
-    if steps == 0 or eps == 0:
-        return x.clone()
-    result = x.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    budgets = sorted({int(k) for k in budgets})
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"budgets must be positive step counts, got {budgets}")
+    top = budgets[-1]
+    results = {k: x.clone() for k in budgets}
+    if eps == 0:
+        return results
+    fooled = {k: torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for k in budgets}
+    # Whether misclassification must be tracked at all: the training path (one budget, one restart,
+    # last iterate) skips the per-step argmax and the final forward pass.
+    track = keep_best or restarts > 1 or len(budgets) > 1
     if random_start and noise is None:
         noise = start_noise(x.shape, restarts, generator=generator, device=x.device, dtype=x.dtype)
-    if noise is not None and tuple(noise.shape) != (restarts, *x.shape):
+    if random_start and tuple(noise.shape) != (restarts, *x.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(restarts, *x.shape)}")
     with attack_mode(model, bn_mode):
         for r in range(restarts):
-            if random_start:
-                x_adv = (x + (2.0 * noise[r] - 1.0) * eps).clamp_(0.0, 1.0)
-            else:
-                x_adv = x.clone()
-            for _ in range(steps):
-                x_adv.requires_grad_(True)
-                logits = model(x_adv)
-                (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
-                x_adv = x_adv.detach()
-                if keep_best:
-                    newly = (logits.detach().argmax(1) != y) & ~fooled
-                    result = torch.where(_expand(newly, x), x_adv, result)
-                    fooled |= newly
-                x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
-            if keep_best or restarts > 1:
-                with torch.no_grad():
-                    newly = (model(x_adv).argmax(1) != y) & ~fooled
-                # examples not fooled so far take this restart's last iterate
-                result = torch.where(_expand(fooled, x), result, x_adv)
-                fooled |= newly
-            else:
-                result = x_adv
-    return result.detach()
+            x_adv = (x + (2.0 * noise[r] - 1.0) * eps).clamp_(0.0, 1.0) if random_start else x.clone()
+            for t in range(top + 1):
+                grad = None
+                if t < top:
+                    x_adv.requires_grad_(True)
+                    logits = model(x_adv)
+                    (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
+                    x_adv = x_adv.detach()
+                elif not track:
+                    results[top] = x_adv
+                    break
+                else:
+                    with torch.no_grad():
+                        logits = model(x_adv)
+                if track:
+                    wrong = logits.detach().argmax(1) != y
+                    for k in budgets:
+                        if t > k or not (keep_best or t == k):
+                            continue
+                        newly = wrong & ~fooled[k]
+                        if keep_best:
+                            results[k] = torch.where(_expand(newly, x), x_adv, results[k])
+                        if t == k:  # end of this restart for budget k: the not yet fooled take x_k
+                            results[k] = torch.where(_expand(fooled[k], x), results[k], x_adv)
+                        fooled[k] |= newly
+                if grad is not None:
+                    x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
+    return {k: v.detach() for k, v in results.items()}
 
 
 def attack_from_config(

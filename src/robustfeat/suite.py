@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import LOSSES, _expand, _project, attack_mode
+from .attacks import pgd_budgets
 from .config import AttackConfig, ConfigError
 from .evaluate import check_adversary, to_float_images, wilson_interval
 
@@ -126,71 +126,6 @@ def suite_rows(
 
 # ---------------------------------------------------------------------------------------------------------
 # one PGD run for several step budgets
-
-
-def pgd_budgets(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    step_size: float,
-    budgets: Sequence[int],
-    restarts: int = 1,
-    random_start: bool = True,
-    loss: str = "ce",
-    bn_mode: str = "eval",
-    generator: torch.Generator | None = None,
-    keep_best: bool = True,
-) -> dict[int, torch.Tensor]:
-    """{k: the adversary of ``attacks.pgd(..., steps=k)``} for every k in ``budgets``, from one run.
-
-    For each restart the trajectory x_0, x_1, ..., x_K (K = max budget) is the same whatever the
-    budget, so budget k's result is read off the first k steps: with ``keep_best`` the first
-    misclassified iterate among x_0..x_k, else (or if none) x_k; across restarts the first restart that
-    fools the model wins, as in ``attacks.pgd``.
-    """
-    loss_fn = LOSSES.get(loss)
-    x = x.detach()
-    budgets = sorted({int(k) for k in budgets})
-    if not budgets or budgets[0] < 1:
-        raise ValueError(f"budgets must be positive step counts, got {budgets}")
-    top = budgets[-1]
-    results = {k: x.clone() for k in budgets}
-    fooled = {k: torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for k in budgets}
-    if eps == 0:
-        return results
-    with attack_mode(model, bn_mode):
-        for _ in range(restarts):
-            if random_start:
-                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x_adv = (x + (2.0 * noise - 1.0) * eps).clamp_(0.0, 1.0)
-            else:
-                x_adv = x.clone()
-            for t in range(top + 1):
-                grad = None
-                if t < top:
-                    x_adv.requires_grad_(True)
-                    logits = model(x_adv)
-                    (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
-                    x_adv = x_adv.detach()
-                else:
-                    with torch.no_grad():
-                        logits = model(x_adv)
-                wrong = logits.detach().argmax(1) != y
-                for k in budgets:
-                    if t > k:
-                        continue
-                    if keep_best or t == k:
-                        newly = wrong & ~fooled[k]
-                        if keep_best:
-                            results[k] = torch.where(_expand(newly, x), x_adv, results[k])
-                        if t == k:  # end of this restart for budget k: the unfooled take x_k
-                            results[k] = torch.where(_expand(fooled[k], x), results[k], x_adv)
-                        fooled[k] |= newly
-                if grad is not None:
-                    x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
-    return {k: v.detach() for k, v in results.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def _load_mnist_sample(data_dir=None, *, path=None, download=True, coarse=False)
     except (FileNotFoundError, OSError):
         raise DataError(
             f"{res}: the embedded MNIST sample is missing from the installed package; reinstall "
-            "robustfeat, or use --dataset mnist with --data-dir DIR"
+            "robustfeat, or use data.name=mnist with --data-dir DIR"
         ) from None
     ds = _read_npz(io.BytesIO(blob), name="mnist-sample", label=str(res))
     return ds
@@ -360,7 +360,7 @@ def _read_npz(src, *, name: str, label: str) -> Dataset:
     try:
         f = np.load(src, allow_pickle=False)
     except FileNotFoundError:
-        raise DataError(f"{label}: file is missing; pass path= / --data-path to an existing .npz") from None
+        raise DataError(f"{label}: file is missing; set data.path=FILE.npz to an existing file") from None
     except Exception as e:  # noqa: BLE001 - zip/format errors of many kinds
         raise DataError(f"{label}: not a readable .npz file ({type(e).__name__}: {e})") from None
     if not hasattr(f, "files"):
@@ -413,7 +413,7 @@ def _read_npz(src, *, name: str, label: str) -> Dataset:
 
 def _load_npz(data_dir=None, *, path=None, download=True, coarse=False) -> Dataset:
     if path is None:
-        raise DataError("dataset 'npz' needs a file: pass path= (CLI: --data-path FILE.npz)")
+        raise DataError("dataset 'npz' needs a file: set data.path=FILE.npz")
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(

@@ -103,7 +103,7 @@ class DeviceLoader:
             raise DataError("cannot build batches from an empty split")
         if drop_last and n < batch_size:
             raise DataError(
-                f"batch size {batch_size} is larger than the {n} examples of the split; lower --batch-size"
+                f"batch size {batch_size} is larger than the {n} examples of the split; lower optim.batch_size"
             )
         self.device = torch.device(device)
         self.x = x_uint8.to(self.device).contiguous()
@@ -177,7 +177,7 @@ def train_val_split(
     if val_size >= n:
         raise DataError(
             f"validation size {val_size} leaves no training data ({ds.name} has {n} training examples); "
-            "lower --val-size"
+            "lower data.val_size"
         )
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(n, generator=g)

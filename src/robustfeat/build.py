@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, ModelConfig
+from .config import Config, ConfigError, ModelConfig
 from .data import Dataset, load_dataset, train_val_split
 from .models import RobustModel, create_model
 
@@ -18,9 +18,16 @@ from .models import RobustModel, create_model
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is invalid: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but this torch build sees no CUDA device; use run.device=cpu")
+        raise ConfigError(f"run.device={name!r} but this torch build sees no CUDA device; use run.device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"run.device={name!r} but this machine has no MPS device; use run.device=cpu")
     return dev
 
 

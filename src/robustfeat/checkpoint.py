@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "robustfeat-checkpoint-1"
@@ -43,11 +43,68 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows, else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """Create ``.NAME.RANDOM.tmp`` beside ``path`` (exclusively) and return (fd, its path).
+
+    Unlike ``tempfile.mkstemp`` (mode 0600) the file gets the permissions of any new file, 0666 minus
+    the umask, so the renamed result is readable like the rest of the run directory.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), str(tmp)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {str(path)!r}")  # pragma: no cover
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in ``directory`` (not recursive).
+
+    Only names this module creates (``.NAME.HEX.tmp``) are touched; returns what was removed. Call it
+    only when no other process writes into ``directory``.
+    """
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for f in d.iterdir():
+        name = f.name
+        if name.startswith(".") and name.endswith(TMP_SUFFIX) and name.count(".") >= 3 and f.is_file():
+            try:
+                f.unlink()
+                removed.append(f)
+            except OSError:  # pragma: no cover - left for the next start
+                pass
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush, fsync, then rename over it."""
+    """Write to a temporary file beside ``path``, flush, fsync, then rename over it.
+
+    A crash at any moment leaves either the old file or the new one at ``path``, never a torn file;
+    at worst a ``.NAME.*.tmp`` file stays behind (``remove_stale_temp_files``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -118,10 +175,11 @@ def save_checkpoint(
         meta["optimizer"] = json.dumps(opt_meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_file(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file with mode 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -132,20 +190,23 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a checkpoint, with a CheckpointError for anything unreadable."""
+    """(tensors, metadata) of a checkpoint, with a CheckpointError for anything unreadable.
+
+    Only the safetensors format is read (a JSON header and raw tensor bytes): a pickle, a
+    ``torch.save`` file or anything else is refused without being executed.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-        raw_meta = header.get("__metadata__", {}) or {}
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a readable safetensors file ({e}); it may be truncated "
-            "or not a robustfeat checkpoint"
+            f"checkpoint {str(path)!r} is not a readable safetensors file ({reason}); it may be truncated "
+            "or not a robustfeat checkpoint (pickled .pt/.pth files are never loaded)"
         ) from None
     if raw_meta.get("format") != FORMAT:
         raise CheckpointError(
@@ -158,9 +219,50 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             "extra": json.loads(raw_meta.get("extra", "{}")),
             "optimizer": json.loads(raw_meta["optimizer"]) if "optimizer" in raw_meta else None,
         }
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata ({e})") from None
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata ({type(e).__name__}: {e})") from None
+    problems = []
+    if meta["step"] < 0:
+        problems.append(f"step {meta['step']} < 0")
+    if not isinstance(meta["config"], dict):
+        problems.append("config is not a mapping")
+    if not isinstance(meta["extra"], dict):
+        problems.append("extra is not a mapping")
+    if meta["optimizer"] is not None and not (
+        isinstance(meta["optimizer"], dict) and isinstance(meta["optimizer"].get("param_groups"), list)
+        and isinstance(meta["optimizer"].get("scalars", {}), dict)
+    ):
+        problems.append("optimizer state is malformed")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: {'; '.join(problems)}")
     return tensors, meta
+
+
+def check_architecture(path: str | os.PathLike, tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """CheckpointError unless the checkpoint's ``model.*`` tensors have exactly the model's names,
+    shapes and dtypes (works on a model built on the ``meta`` device, so nothing is allocated)."""
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    dtype = sorted(k for k in set(expected) & set(weights)
+                   if expected[k].is_floating_point() != weights[k].is_floating_point())
+    if missing or unexpected or shape or dtype:
+        bits = []
+        if missing:
+            bits.append(f"missing {missing[:3]}")
+        if unexpected:
+            bits.append(f"unexpected {unexpected[:3]}")
+        if shape:
+            k = shape[0]
+            bits.append(f"{k} has shape {tuple(weights[k].shape)} but the model expects {tuple(expected[k].shape)}")
+        if dtype:
+            k = dtype[0]
+            bits.append(f"{k} has dtype {weights[k].dtype} but the model expects {expected[k].dtype}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model architecture of its config: {'; '.join(bits)}"
+        )
 
 
 def load_into(
@@ -174,23 +276,8 @@ def load_into(
     message listing the first mismatches, never loaded partially.
     """
     tensors, meta = read_checkpoint(path)
+    check_architecture(path, tensors, model)
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shape = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or shape:
-        bits = []
-        if missing:
-            bits.append(f"missing {missing[:3]}")
-        if unexpected:
-            bits.append(f"unexpected {unexpected[:3]}")
-        if shape:
-            k = shape[0]
-            bits.append(f"{k} has shape {tuple(weights[k].shape)} but the model expects {tuple(expected[k].shape)}")
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model architecture: {'; '.join(bits)}"
-        )
     for k, v in weights.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values in {k}")
@@ -201,6 +288,19 @@ def load_into(
         opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         try:
             optimizer.load_state_dict(_unflatten_optimizer(opt, meta["optimizer"]))
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit ({e})") from None
+        # torch checks only the parameter counts; a state tensor of another shape would fail (or
+        # broadcast silently) at the first step, so check shapes and values here.
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                    continue
+                if value.shape != param.shape:
+                    raise CheckpointError(
+                        f"checkpoint {str(path)!r}: optimizer state {key!r} has shape {tuple(value.shape)} "
+                        f"for a parameter of shape {tuple(param.shape)}"
+                    )
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite optimizer state {key!r}")
     return meta

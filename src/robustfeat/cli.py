@@ -35,6 +35,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ConfigError, DataError, CheckpointError, TrainingError, InvalidAdversary)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 # ---------------------------------------------------------------------------------------------------------
 # subcommands
 
@@ -64,10 +68,8 @@ def _default_out(cfg_name: str, budget: str, seed: int) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import yaml
-
     from .api import describe_config
-    from .config import config_from_dict, load_config
+    from .config import ConfigError, load_config, read_config_file
     from .train import train
 
     overrides = list(args.overrides or []) + list(args.set or [])
@@ -76,9 +78,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg_file = out / "config.yaml"
         if not cfg_file.exists():
             raise CLIError(f"--resume {str(out)!r}: no config.yaml there; is it a robustfeat run directory?")
-        if args.preset or args.config or overrides:
-            raise CLIError("--resume takes the config saved in the run directory; drop --preset/--config/overrides")
-        cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()))
+        if args.preset or args.config or overrides or args.budget != "paper":
+            raise CLIError("--resume takes the config saved in the run directory; drop "
+                           "--preset/--config/--budget/overrides")
+        if args.out and Path(args.out) != out:
+            raise CLIError(f"--resume continues the run in {str(out)!r}; drop --out {args.out}")
+        try:
+            cfg = read_config_file(cfg_file)
+        except ConfigError as e:
+            raise CLIError(f"--resume {str(out)!r}: the run's config.yaml is damaged or invalid ({e})") from None
     else:
         if not args.preset and not args.config:
             raise CLIError("train needs --preset NAME (see 'robustfeat presets'), --config FILE or --resume DIR")
@@ -98,24 +106,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"PGD {val.get('pgd_acc', float('nan')):.2%}; best validation PGD {res.best_val_pgd:.2%}; "
         f"checkpoints in {out / 'checkpoints'}"
     )
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import evaluate_run
-
-    res = evaluate_run(args.run_dir, which=args.checkpoint, n=args.n, data_dir=args.data_dir,
-                       device=args.device, batch_size=args.batch_size, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    lo, hi = res["clean_acc_ci95"]
-    plo, phi = res["pgd_acc_ci95"]
-    print(f"{res['preset']} ({res['checkpoint']}, step {res['step']:,}) on {res['n']:,} test images:")
-    print(f"  clean accuracy      {res['clean_acc']:.2%}  (95% CI {lo:.2%}-{hi:.2%})")
-    print(f"  {res['attack']['name']:<8} accuracy   {res['pgd_acc']:.2%}  (95% CI {plo:.2%}-{phi:.2%}), "
-          f"eps={res['attack']['eps']:.4g}")
-    print(f"  written to {Path(args.run_dir) / 'eval.json'}")
     return 0
 
 
@@ -146,6 +136,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # parser
 
 
+# Subcommands that live beside their library code register themselves here. Each module exposes
+# ``register_cli(subparsers)`` and keeps heavy imports inside its command function.
+PLUGIN_MODULES: tuple[str, ...] = ("robustfeat.analyze_cli", "robustfeat.eval_run", "robustfeat.bench")
+
+
+def _plugin_registrars():
+    import importlib
+
+    return [importlib.import_module(name).register_cli for name in PLUGIN_MODULES]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="robustfeat",
@@ -172,16 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.01")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", help="clean and PGD accuracy of a run on the test set")
-    s.add_argument("run_dir")
-    s.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint path")
-    s.add_argument("--n", type=int, help="evaluate a fixed seeded subset of N test images")
-    s.add_argument("--data-dir", help="data directory")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int, default=500)
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_eval)
+    for register in _plugin_registrars():
+        register(sub)
 
     s = sub.add_parser("demo", help="train AT-reg on the embedded MNIST sample and report PGD-40 accuracy")
     s.add_argument("--out", help="run directory (default runs/demo-TIMESTAMP)")
@@ -200,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"robustfeat {args.command}: error: {e}", file=sys.stderr)
+        print(f"robustfeat {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up mid-run: one line, the run stays resumable
+        print(f"robustfeat {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"robustfeat {args.command}: interrupted; a training run continues with --resume RUN_DIR",
               file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -59,6 +60,16 @@ def _bool(key: str, value: Any) -> None:
         _fail(key, value, "true or false")
 
 
+def _opt_str(key: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip() or "\x00" in value):
+        _fail(key, value, "a path (a non-empty string) or null")
+
+
+def _section(key: str, value: Any, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise ConfigError(f"config section {key!r} must be a {cls.__name__}, got {type(value).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the sections
 
@@ -86,6 +97,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASET_NAMES)
+        _opt_str("data.dir", self.dir)
+        _opt_str("data.path", self.path)
         _int("data.val_size", self.val_size, 0)
         if self.train_size is not None:
             _int("data.train_size", self.train_size, 1)
@@ -117,6 +130,10 @@ class ModelConfig:
                 _fail("model.widths", self.widths, "a list of 4 positive integers, e.g. [16, 16, 32, 64]")
             for w in self.widths:
                 _int("model.widths", w, 1)
+            if list(self.widths) != sorted(self.widths):
+                _fail("model.widths", self.widths, "non-decreasing widths (residual units never shrink)")
+            if not self.name.startswith("resnet"):
+                _fail("model.widths", self.widths, f"null: {self.name} has fixed widths (only ResNets take widths)")
             object.__setattr__(self, "widths", tuple(self.widths))
         _int("model.att_hidden", self.att_hidden, 1)
         _choice("model.init", self.init, ("torch", "madry"))
@@ -246,7 +263,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _int("run.seed", self.seed, 0)
         if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
+            self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)
         ):
             _fail("run.device", self.device, "auto, cpu, cuda or cuda:N")
         _int("run.eval_every", self.eval_every, 1)
@@ -277,6 +294,12 @@ class Config:
     def __post_init__(self) -> None:
         from .methods import METHODS
 
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            _fail("name", self.name, "a run name of letters, digits and . _ + - (it names the run directory)")
+        if not isinstance(self.description, str):
+            _fail("description", self.description, "a string")
+        for key, cls in SECTIONS.items():
+            _section(key, getattr(self, key), cls)
         spec = METHODS.get(self.method.name)
         if spec.attention and not self.model.has_attention:
             raise ConfigError(
@@ -326,6 +349,9 @@ SECTIONS: dict[str, type] = {
     "run": RunConfig,
 }
 TOP_LEVEL = ("name", "description")
+_NAME_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,199}")
+# values that are paths or free text: never read as fractions or numbers
+_TEXT_KEYS = ("name", "description", "dir", "path", "device")
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
@@ -421,18 +447,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r} is invalid: the value is not valid YAML") from None
-    if isinstance(value, str):  # allow fractions such as eps=8/255
+    if isinstance(value, str) and parts[-1] not in _TEXT_KEYS:  # allow fractions such as eps=8/255
         value = _maybe_fraction(value)
     return parts, value
 
 
+_SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _maybe_fraction(s: str) -> Any:
+    """'8/255' -> 0.0313...; '1e-3' -> 0.001 (YAML 1.1 reads exponents without a dot as strings)."""
+    if _SCI_RE.fullmatch(s.strip()):
+        return float(s)
     num, slash, den = s.partition("/")
     if slash:
         try:
-            return float(num) / float(den)
+            value = float(num) / float(den)
         except (ValueError, ZeroDivisionError):
             return s
+        return value if math.isfinite(value) else s
     return s
 
 
@@ -460,7 +493,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 def _fractions(d: Any) -> Any:
     if isinstance(d, dict):
-        return {k: _fractions(v) for k, v in d.items()}
+        return {k: v if k in _TEXT_KEYS else _fractions(v) for k, v in d.items()}
     if isinstance(d, list):
         return [_fractions(v) for v in d]
     if isinstance(d, str):
@@ -480,6 +513,10 @@ def load_config(
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) file") from None
+        except RecursionError:
+            raise ConfigError(f"config file {str(path)!r} is nested too deeply") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
@@ -499,3 +536,13 @@ def load_config(
     raw = _fractions(raw)
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw)
+
+
+def read_config_file(path: str | Path) -> Config:
+    """The config of a YAML file such as a run's ``config.yaml``; every problem is a ConfigError that
+    names the file."""
+    try:
+        return load_config(path=path)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if str(path) in msg else f"{path}: {msg}") from None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -28,10 +29,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .attacks import attack_from_config
+from . import distributed
+from .attacks import attack_from_config, start_noise
 from .build import Splits, build_model, build_splits, resolve_device
-from .checkpoint import atomic_write_text, load_into, save_checkpoint
-from .config import Config, config_from_dict
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    load_into,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
+from .config import Config
 from .data import DeviceLoader
 from .evaluate import accuracy
 from .methods import METHODS, method_loss
@@ -126,18 +134,20 @@ class MetricsLog:
     """metrics.jsonl, appended line by line (each line flushed; a torn last line is dropped on resume)."""
 
     def __init__(self, path: Path, resume_step: int | None):
+        """``resume_step``: keep the records up to that step (the resumed checkpoint's), drop the rest
+        and any torn line; None: a new run, which starts the file afresh."""
         self.path = path
         if resume_step is not None and path.exists():
             keep = []
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
+                except ValueError:
                     continue
-                if rec.get("step", 0) <= resume_step:
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step:
                     keep.append(line)
             atomic_write_text(path, "".join(k + "\n" for k in keep))
-        self._f = open(path, "a")
+        self._f = open(path, "a" if resume_step is not None else "w")  # noqa: SIM115 - closed by close()
 
     def write(self, rec: dict[str, Any]) -> None:
         self._f.write(json.dumps(rec) + "\n")
@@ -176,8 +186,15 @@ def evaluate_split(
     )
 
 
-def prepare_run_dir(out_dir: Path, cfg: Config, resume: bool, command: list[str] | None) -> None:
-    """Check the output location before any work and write config.yaml (and run.json)."""
+def prepare_run_dir(
+    out_dir: Path, cfg: Config, resume: bool, command: list[str] | None, splits: Splits | None = None
+) -> None:
+    """Check the output location before any work and write config.yaml.
+
+    Refused before any training step: a path that is not a directory, a directory that already holds
+    a run (without ``resume``), a location that cannot be written, and (given ``splits``) one without
+    room for the checkpoints. A directory this call created is removed again when it refuses.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"output path {str(out_dir)!r} exists and is not a directory")
     if not resume and (out_dir / LAST).exists():
@@ -185,14 +202,98 @@ def prepare_run_dir(out_dir: Path, cfg: Config, resume: bool, command: list[str]
             f"run directory {str(out_dir)!r} already holds a run; pass --resume to continue it "
             "or --out NEW_DIR for a new one"
         )
+    if splits is not None:  # what would otherwise fail only after the directory exists
+        if cfg.optim.batch_size > len(splits.y_train):
+            raise TrainingError(
+                f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(splits.y_train)} training "
+                "examples; lower optim.batch_size or raise data.train_size"
+            )
+        if cfg.run.tensorboard:
+            _tensorboard_class()
+    created = None  # the topmost directory this call creates
+    for d in (out_dir, *out_dir.absolute().parents):
+        if d.exists() or d.is_symlink():
+            break
+        created = d
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # temporary files of atomic writes that a killed process left behind
+        for d in (out_dir, out_dir / "checkpoints"):
+            remove_stale_temp_files(d)
         probe = out_dir / ".write-test"
         probe.write_bytes(b"x" * 1024)
         probe.unlink()
+        if splits is not None:
+            check_free_space(out_dir, checkpoint_bytes(cfg, splits))
+        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
     except OSError as e:
-        raise TrainingError(f"cannot write to the output directory {str(out_dir)!r}: {e.strerror}") from None
-    atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        _remove_created(created)
+        raise TrainingError(
+            f"cannot write to the output directory {str(out_dir)!r}: {e.strerror or e}"
+        ) from None
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+def _remove_created(d: Path | None) -> None:
+    if d is not None:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def checkpoint_bytes(cfg: Config, splits: Splits) -> int:
+    """Bytes of the ``last`` and ``best`` checkpoints of this run (the model is built on the meta
+    device, so nothing is allocated)."""
+    ds = splits.dataset
+    with torch.device("meta"):
+        model = build_model(cfg.model, ds.num_classes, ds.image_shape[0])
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state_per_param = 2 if cfg.optim.name == "adam" else 1  # Adam: two moments; SGD: momentum
+    return model_bytes * (1 + state_per_param) + model_bytes
+
+
+def check_free_space(out_dir: Path, need_bytes: int) -> None:
+    """Refuse to start when ``out_dir`` cannot hold ``need_bytes`` of checkpoints twice (the old and
+    the new file exist together while one is replaced) plus a margin for metrics."""
+    need = 2 * need_bytes + (16 << 20)
+    try:
+        free = shutil.disk_usage(out_dir).free
+    except OSError:  # pragma: no cover - file systems without statvfs
+        return
+    for f in (out_dir / LAST, out_dir / BEST):  # replaced files give their space back
+        if f.is_file():
+            free += f.stat().st_size
+    if free < need:
+        raise TrainingError(
+            f"not enough free space in {str(out_dir)!r}: {free / 2**20:.0f} MiB free, the checkpoints of this "
+            f"run need about {need / 2**20:.0f} MiB; free some space or pass --out on another disk"
+        )
+
+
+def _saved_config(out_dir: Path) -> Config:
+    """The config.yaml of a run directory, with a one-line error if it is damaged."""
+    from .config import ConfigError, read_config_file
+
+    try:
+        return read_config_file(out_dir / "config.yaml")
+    except ConfigError as e:
+        raise TrainingError(f"--resume: the run's config.yaml is damaged or invalid ({e})") from None
+
+
+def _same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Configs equal up to where the data lives (data.dir may differ between machines)."""
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "dir"}}
+
+    return strip(a) == strip(b)
+
+
+def _history(run_json: Path) -> list[Any]:
+    try:
+        sessions = json.loads(run_json.read_text()).get("sessions", [])
+    except (OSError, ValueError, AttributeError):  # missing or damaged: the history starts again
+        return []
+    return sessions if isinstance(sessions, list) else []
 
 
 def train(
@@ -209,28 +310,38 @@ def train(
     """Train ``cfg`` into ``out_dir``. ``stop_after`` ends the process's work at that step (for tests
     of interruption); the run stays resumable."""
     t_start = time.time()
+    if not isinstance(cfg, Config):
+        from .config import ConfigError
+
+        raise ConfigError(f"train() needs a Config (robustfeat.load_config(...)), got {type(cfg).__name__}")
     out_dir = Path(out_dir)
     if resume and (out_dir / "config.yaml").exists():
-        import yaml
-
-        saved = config_from_dict(yaml.safe_load((out_dir / "config.yaml").read_text()))
-        if saved.to_dict() != cfg.to_dict():
+        saved = _saved_config(out_dir)
+        if not _same_experiment(saved.to_dict(), cfg.to_dict()):
             raise TrainingError(
                 f"--resume: the config differs from the one saved in {str(out_dir / 'config.yaml')!r}; "
                 "resume without --preset/overrides, or start a new run with --out"
             )
-    device = resolve_device(cfg.run.device)
+    # [distributed] torchrun: join the process group (no-op in one process); see distributed.py
+    dctx = distributed.setup(resolve_device(cfg.run.device))
+    device = dctx.device
+    dctx.check_batch(cfg.optim.batch_size)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if splits is None:
         splits = build_splits(cfg, data_dir)
-    prepare_run_dir(out_dir, cfg, resume, command)
+    if dctx.main:
+        prepare_run_dir(out_dir, cfg, resume, command, splits=splits)
+    dctx.barrier()
 
     torch.manual_seed(derived_seed(cfg.run.seed, 0))
     ds = splits.dataset
     model = build_model(cfg.model, ds.num_classes, ds.image_shape[0]).to(device)
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.run.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, dctx)
+    dctx.broadcast_parameters(model)
     optimizer = make_optimizer(cfg, model)
     spec = METHODS.get(cfg.method.name)
     lam = cfg.lam
@@ -238,8 +349,17 @@ def train(
     start_step, best = 0, -1.0
     if resume and (out_dir / LAST).exists():
         meta = load_into(out_dir / LAST, model, optimizer)
+        if not _same_experiment(meta["config"], cfg.to_dict()):
+            raise CheckpointError(
+                f"{str(out_dir / LAST)!r} was written by another config than {str(out_dir / 'config.yaml')!r}; "
+                "refusing to resume from it"
+            )
         start_step = meta["step"]
-        best = float(meta["extra"].get("best_val_pgd", -1.0))
+        best = meta["extra"].get("best_val_pgd", -1.0)
+        if isinstance(best, bool) or not isinstance(best, (int, float)) or not start_step <= cfg.optim.steps:
+            raise CheckpointError(f"{str(out_dir / LAST)!r} has damaged metadata (step {start_step}, "
+                                  f"best_val_pgd {best!r})")
+        best = float(best)
     loader = DeviceLoader(
         splits.x_train, splits.y_train, batch_size=cfg.optim.batch_size, device=device,
         augment=cfg.data.augment, seed=cfg.run.seed, channels_last=cfg.run.channels_last,
@@ -255,11 +375,14 @@ def train(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     run_json = out_dir / "run.json"
-    history = json.loads(run_json.read_text()).get("sessions", []) if run_json.exists() else []
-    atomic_write_text(run_json, json.dumps({**info, "sessions": history}, indent=2))
+    history = _history(run_json) if resume else []
+    if dctx.main:
+        atomic_write_text(run_json, json.dumps({**info, "sessions": history}, indent=2))
 
-    log = MetricsLog(out_dir / "metrics.jsonl", start_step if resume else None)
-    tb = _tensorboard(out_dir) if cfg.run.tensorboard else None
+    # [distributed] files and progress on rank 0 only
+    log = (MetricsLog(out_dir / "metrics.jsonl", start_step if resume else None) if dctx.main
+           else distributed.Discard())
+    tb = _tensorboard(out_dir) if cfg.run.tensorboard and dctx.main else None
     total = cfg.optim.steps
     end = total if stop_after is None else min(total, stop_after)
     gen = torch.Generator(device=device)
@@ -267,17 +390,29 @@ def train(
 
     def checkpoint(step: int, val: dict[str, float] | None) -> None:
         nonlocal best
+        if not dctx.main:  # [distributed] the other ranks wait for rank 0's evaluation and checkpoint
+            dctx.barrier()
+            return
         improved = val is not None and val["pgd_acc"] > best
         if improved:
             best = val["pgd_acc"]
         extra = {"best_val_pgd": best, "val": val, "num_classes": ds.num_classes,
                  "in_channels": ds.image_shape[0], "classes": list(ds.classes)}
-        save_checkpoint(out_dir / LAST, model, optimizer, step=step, config=cfg.to_dict(), extra=extra)
+        for name, t in model.state_dict().items():  # never replace a good checkpoint by a broken one
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise TrainingError(
+                    f"non-finite weights ({name}) after step {step}; the last good checkpoint is "
+                    f"{str(out_dir / LAST)!r} (lower optim.lr or check the data)"
+                )
+        # best before last: a kill between the two writes resumes from the previous last checkpoint,
+        # which redoes this evaluation and rewrites best, so best is never older than last says.
         if improved:
             save_checkpoint(out_dir / BEST, model, None, step=step, config=cfg.to_dict(), extra=extra)
+        save_checkpoint(out_dir / LAST, model, optimizer, step=step, config=cfg.to_dict(), extra=extra)
+        dctx.barrier()
 
-    bar = tqdm(total=total, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"train {cfg.name}")
+    bar = tqdm(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
+               dynamic_ncols=True, desc=f"train {cfg.name}")
     sums: dict[str, torch.Tensor] = {}
     n_sum, t_log = 0, time.time()
     try:
@@ -286,21 +421,27 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(cfg, step)
             x, y = loader.batch(step)
-            x_adv = None
+            x_adv, noise = None, None
             eps, alpha = attack_strength(cfg, step)
             if spec.adversarial:
                 gen.manual_seed(derived_seed(cfg.run.seed, ATTACK_STREAM, step))
+                if dctx.active and cfg.attack.random_start:  # [distributed] the global batch's starts
+                    noise = start_noise(x.shape, cfg.attack.restarts, generator=gen, device=device)
+                    noise = dctx.shard(noise, dim=1)
+            x, y = dctx.shard(x), dctx.shard(y)  # [distributed] this rank's rows of the global batch
+            if spec.adversarial:
                 x_adv = attack_from_config(model, x, y, cfg.attack, generator=gen, keep_best=False,
-                                           eps=eps, step_size=alpha)
+                                           eps=eps, step_size=alpha, noise=noise)
             model.train()
             loss, parts = method_loss(model, x, x_adv, y, lam)
-            if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # [distributed] gradients (and the loss) averaged over ranks; the loss itself in one process
+            if not torch.isfinite(dctx.average_gradients(model.parameters(), loss)):
                 raise TrainingError(
                     f"non-finite loss at step {step}: {_to_float(parts)}; the last good checkpoint is "
                     f"{str(out_dir / LAST)!r} (lower optim.lr or check the data)"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
 
             for k, v in parts.items():
@@ -309,6 +450,7 @@ def train(
             done = step + 1
             if done % cfg.run.log_every == 0 or done == total:
                 now = time.time()
+                sums = dctx.average(sums)  # [distributed] metrics of the global batch
                 rec = {"kind": "train", "step": done, "examples": done * cfg.optim.batch_size,
                        "lr": learning_rate(cfg, step), "eps": round(eps, 6),
                        **{k: round(float(v) / n_sum, 6) for k, v in sums.items()},
@@ -323,7 +465,7 @@ def train(
                 sums, n_sum, t_log = {}, 0, now
             bar.update(1)
             if done % cfg.run.eval_every == 0 or done == total:
-                last_val = evaluate_split(model, cfg, x_val, y_val, device)
+                last_val = evaluate_split(model, cfg, x_val, y_val, device) if dctx.main else {}
                 log.write({"kind": "eval", "step": done, "split": "val", "n": len(y_val), **last_val})
                 if tb is not None:
                     for k, v in last_val.items():
@@ -331,6 +473,9 @@ def train(
                 checkpoint(done, last_val)
             elif cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
                 checkpoint(done, None)
+    except BaseException:
+        dctx.close()
+        raise
     finally:
         bar.close()
         log.close()
@@ -340,16 +485,24 @@ def train(
         checkpoint(end, None)
     seconds = time.time() - t_start
     history.append({**info, "from_step": start_step, "to_step": end, "wall_seconds": round(seconds, 1)})
-    atomic_write_text(run_json, json.dumps({**info, "sessions": history}, indent=2))
+    if dctx.main:
+        atomic_write_text(run_json, json.dumps({**info, "sessions": history}, indent=2))
+    best, last_val = dctx.broadcast_object((best, last_val))  # [distributed] rank 0's results everywhere
+    dctx.barrier()
+    dctx.close()
     return TrainResult(out_dir, end, best, last_val, seconds)
 
 
-def _tensorboard(out_dir: Path):
+def _tensorboard_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # pragma: no cover - optional dependency
+    except ImportError:  # pragma: no cover - optional dependency
         raise TrainingError(
             "run.tensorboard=true needs the tensorboard package: pip install 'robustfeat[tensorboard]'"
-        ) from e
-    return SummaryWriter(str(out_dir / "tensorboard"))
+        ) from None
+    return SummaryWriter
+
+
+def _tensorboard(out_dir: Path):
+    return _tensorboard_class()(str(out_dir / "tensorboard"))
 

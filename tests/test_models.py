@@ -346,6 +346,14 @@ def test_madry_initialization_scales():
     bound = (3.0 / 192) ** 0.5
     assert model.fc.weight.abs().max().item() <= bound
     assert torch.count_nonzero(model.fc.bias) == 0
-    mnist = create_model("mnist_cnn", 10, 1)
+    mnist = create_model("mnist_cnn", 10, 1, init="madry")
     assert mnist.fc1.weight.abs().max().item() <= 0.2 + 1e-6
     assert torch.allclose(mnist.fc1.bias, torch.full_like(mnist.fc1.bias, 0.1))
+
+
+def test_mnist_default_init_is_torchs_and_unknown_init_is_refused():
+    torch.manual_seed(0)
+    mnist = create_model("mnist_cnn", 10, 1)
+    assert mnist.fc1.weight.abs().max().item() <= (1.0 / 3136) ** 0.5 + 1e-6  # kaiming-uniform bound
+    with pytest.raises(ValueError, match="init='tf'"):
+        create_model("mnist_cnn", 10, 1, init="tf")

@@ -214,7 +214,7 @@ def test_black_box_uses_only_the_source_gradients(tiny):
     with torch.no_grad():
         clean = target(x).argmax(1) == y
     idx = clean.nonzero().squeeze(1)
-    gen = torch.Generator().manual_seed(suite._derived(2, suite._seed_tag(repr(rows[1].group)), 0))
+    gen = torch.Generator().manual_seed(suite.derived_seed(2, suite._seed_tag(repr(rows[1].group)), 0))
     x_adv = pgd(source, x[idx], y[idx], eps=EPS, step_size=STEP, steps=4, generator=gen, keep_best=False)
     expected = torch.zeros(len(y), dtype=torch.bool)
     with torch.no_grad():

@@ -7,14 +7,16 @@ regularization, and honest robustness evaluation.
 
 __version__ = "0.1.0"
 
-from .api import evaluate_run, load_model  # noqa: E402
-from .config import load_config, list_presets  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
-from .train import train  # noqa: E402
+from .api import evaluate_run, load_model
+from .config import list_presets, load_config
+from .models import create_model, list_models
+from .suite import evaluate_model
+from .train import train
 
 __all__ = [
     "__version__",
     "create_model",
+    "evaluate_model",
     "evaluate_run",
     "list_models",
     "list_presets",

@@ -134,7 +134,7 @@ def cmd_attention_robustness(args) -> int:
     from .analysis import AnalysisError, attention_vs_robustness, require_attention, subset
     from .checkpoint import atomic_write_text
     from .figures import plot_attention_robustness
-    from .train import derived_seed
+    from .seeding import derived_seed
 
     _check_n(args)
     model, cfg, meta, dev = _load(args.run_dir, args)
@@ -279,7 +279,7 @@ def cmd_gradient_classification(args) -> int:
     from .checkpoint import atomic_write_text
     from .config import ConfigError, load_config
     from .evaluate import accuracy
-    from .train import derived_seed
+    from .seeding import derived_seed
 
     _check_n(args)
     clf, clf_cfg, clf_meta, dev = _load(args.classifier, args)

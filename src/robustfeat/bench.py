@@ -155,7 +155,8 @@ def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool |
     from .build import build_model
     from .data import DeviceLoader
     from .methods import METHODS, method_loss
-    from .train import ATTACK_STREAM, derived_seed, make_optimizer
+    from .seeding import derived_seed
+    from .train import ATTACK_STREAM, make_optimizer
 
     cl = cfg.run.channels_last if channels_last is None else channels_last
     torch.manual_seed(0)

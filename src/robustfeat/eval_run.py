@@ -49,7 +49,7 @@ def _identity(run_dir, which: str, cfg, meta) -> dict[str, Any]:
 def subset_indices(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
     """Sorted indices of the fixed seeded subset of ``n`` test examples (None: all of them)."""
     from .config import ConfigError
-    from .train import derived_seed
+    from .seeding import derived_seed
 
     if n is None or n >= n_total:
         return None

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .attacks import pgd_budgets
 from .config import AttackConfig, ConfigError
 from .evaluate import check_adversary, to_float_images, wilson_interval
+from .seeding import derived_seed
 
 SUITES = ("quick", "paper", "full")
 PGD_STEPS = (5, 20, 100, 200)
@@ -134,12 +135,6 @@ def suite_rows(
 
 def _seed_tag(text: str) -> int:
     return zlib.crc32(text.encode())
-
-
-def _derived(seed: int, *tags: int) -> int:
-    from .train import derived_seed
-
-    return derived_seed(seed, *tags)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -298,7 +293,7 @@ def _run_group(model, source, members, clean, batch, n, batch_size, seed, progre
         xb, yb = batch(i)
         dev_idx = idx.to(xb.device)
         xs, ys = xb[dev_idx], yb[dev_idx]
-        gen = torch.Generator(device=xs.device).manual_seed(_derived(seed, tag, i))
+        gen = torch.Generator(device=xs.device).manual_seed(derived_seed(seed, tag, i))
         advs = pgd_budgets(attacker, xs, ys, eps=r0.eps, step_size=r0.step_size, budgets=budgets,
                            restarts=r0.restarts, random_start=r0.random_start, loss=r0.loss,
                            bn_mode=r0.bn_mode, generator=gen, keep_best=r0.kind != "blackbox")

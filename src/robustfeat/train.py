@@ -43,6 +43,7 @@ from .config import Config
 from .data import DeviceLoader
 from .evaluate import accuracy
 from .methods import METHODS, method_loss
+from .seeding import derived_seed
 
 LAST = "checkpoints/last.safetensors"
 BEST = "checkpoints/best.safetensors"
@@ -54,15 +55,6 @@ class TrainingError(Exception):
 
 # ---------------------------------------------------------------------------------------------------------
 # small pieces
-
-
-def derived_seed(seed: int, *tags: int) -> int:
-    """A 63-bit seed from (seed, tags...), so every (purpose, step) gets its own independent stream."""
-    h = seed & 0xFFFFFFFF
-    for t in tags:
-        h = (h * 0x9E3779B97F4A7C15 + (t & 0xFFFFFFFFFFFF) + 0x632BE59BD9B4E019) & 0x7FFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h
 
 
 ATTACK_STREAM = 1

@@ -12,33 +12,24 @@ from collections.abc import Iterator
 
 import torch
 
+from ..seeding import derived_seed
 from .datasets import Dataset
 from .download import DataError
 
 __all__ = ["DeviceLoader", "augment_batch", "train_val_split"]
 
-_MASK64 = (1 << 64) - 1
 _PERM_STREAM = 0x5045524D  # "PERM"
 _AUG_STREAM = 0x41554721  # "AUG!"
 
 
-def _mix(seed: int, stream: int, index: int) -> int:
-    """A well-spread 63-bit seed from (seed, stream, index) (splitmix64 finalizer)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(stream) * 0xD1B54A32D192ED03 + int(index)) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return z & ((1 << 63) - 1)
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of the generator that draws epoch ``epoch``'s permutation."""
-    return _mix(seed, _PERM_STREAM, epoch)
+    return derived_seed(seed, _PERM_STREAM, epoch)
 
 
 def step_seed(seed: int, step: int) -> int:
     """Seed of the generator that draws step ``step``'s augmentation."""
-    return _mix(seed, _AUG_STREAM, step)
+    return derived_seed(seed, _AUG_STREAM, step)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

@@ -138,7 +138,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # Subcommands that live beside their library code register themselves here. Each module exposes
 # ``register_cli(subparsers)`` and keeps heavy imports inside its command function.
-PLUGIN_MODULES: tuple[str, ...] = ("robustfeat.analyze_cli", "robustfeat.eval_run", "robustfeat.bench")
+PLUGIN_MODULES: tuple[str, ...] = (
+    "robustfeat.analyze_cli", "robustfeat.eval_run", "robustfeat.bench", "robustfeat.reproduce")
 
 
 def _plugin_registrars():

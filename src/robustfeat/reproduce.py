@@ -1,0 +1,642 @@
+"""``robustfeat reproduce TARGET``: every model a table or figure of the paper needs, its evaluation and
+analyses, and a README with our numbers beside the published ones.
+
+    robustfeat reproduce table1 --budget cpu [--out DIR] [--runs DIR] [--data-dir DIR]
+
+A target is a list of runs (preset, seed). Tables with black-box rows train each method twice (seeds 0
+and 1, same preset): seed 0 is evaluated with the paper suite, seed 1 is the independently trained
+copy the black-box adversaries are crafted on. Re-running skips what is finished: a run whose last
+checkpoint reached ``optim.steps`` is not trained again (its config must match), an interrupted run
+is resumed exactly (``train(resume=True)``), and an evaluation whose eval.json names the same
+checkpoint, source and sample is not repeated.
+
+Layout of DIR (default ``results/TARGET-BUDGET``):
+    README.md          our numbers, the paper's, differences, 95% CIs, budgets, wall times, commands
+    reproduce.json     the same as data
+    figures/           PNGs of figure targets
+    runs/PRESET-seedN/ run directories (``--runs`` puts them elsewhere, e.g. to share them between
+                       targets); evaluations in runs/PRESET-seed0/eval/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SEEDS = (0, 1)
+"""Seed 0 is evaluated; seed 1 is the black-box source (same preset, other seed)."""
+
+EVAL_N: dict[str, dict[str, int | None]] = {
+    "paper": {"mnist": None, "cifar": None},  # the whole test set
+    "cpu": {"mnist": 1000, "cifar": 500},  # seeded test samples, reported with 95% Wilson intervals
+    "fast": {"mnist": 1000, "cifar": 500},
+    "smoke": {"mnist": 20, "cifar": 16},
+}
+"""Test images per evaluation, by budget and dataset family (budget arithmetic: presets/_*.yaml)."""
+
+ANALYSIS_N: dict[str, int | None] = {"paper": None, "cpu": 1000, "fast": 1000, "smoke": 16}
+"""Images per split for Figure 2 and Table 4 (None: the whole training and test sets)."""
+
+FIGURE_IMAGES = 10  # Figures 3 and 4: one test image per class
+ANALYSIS_SEED = 42
+
+
+@dataclass(frozen=True)
+class Target:
+    title: str
+    dataset: str
+    presets: tuple[str, ...]
+    blackbox: bool = True
+    """Train seed 1 of each preset as the black-box source and evaluate seed 0 with the paper suite."""
+    evaluate: bool = True
+    analysis: str | None = None
+
+
+TARGETS: dict[str, Target] = {
+    "table1": Target("Table 1: MNIST", "MNIST", ("mnist-at", "mnist-at-reg")),
+    "table2": Target("Table 2: CIFAR-10, ResNet [16, 16, 32, 64]", "CIFAR-10",
+                     ("cifar10-at", "cifar10-at-reg", "cifar10-at-att", "cifar10-at-att-reg")),
+    "table3": Target("Table 3: CIFAR-10, 3x wide ResNet [16, 48, 96, 192]", "CIFAR-10",
+                     ("cifar10-wide3-at", "cifar10-wide3-at-reg", "cifar10-wide3-at-att",
+                      "cifar10-wide3-at-att-reg")),
+    "table4": Target("Table 4: a natural classifier on gradient maps (CIFAR-10)", "CIFAR-10",
+                     ("cifar10-at", "cifar10-at-att-reg", "cifar10-natural"), blackbox=False, evaluate=False,
+                     analysis="gradient-classification"),
+    "table5": Target("Table 5: CIFAR-100, ResNet [16, 16, 32, 64]", "CIFAR-100",
+                     ("cifar100-at", "cifar100-at-reg", "cifar100-at-att", "cifar100-at-att-reg")),
+    "figure2": Target("Figure 2: attention weight vs feature robustness (CIFAR-10, AT-att-reg)", "CIFAR-10",
+                      ("cifar10-at-att-reg",), blackbox=False, evaluate=False, analysis="attention-robustness"),
+    "figure3": Target("Figure 3: attention maps (CIFAR-10, AT-att-reg)", "CIFAR-10",
+                      ("cifar10-at-att-reg",), blackbox=False, evaluate=False, analysis="attention-maps"),
+    "figure4": Target("Figure 4: gradient maps (CIFAR-10, Madry et al. vs AT-att-reg)", "CIFAR-10",
+                      ("cifar10-at", "cifar10-at-att-reg"), blackbox=False, evaluate=False,
+                      analysis="gradient-maps"),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    preset: str
+    seed: int
+    role: str  # "evaluated", "black-box source", "analysed", "classifier"
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset}-seed{self.seed}"
+
+
+def plan(target: str) -> list[RunSpec]:
+    """The runs a target needs, in training order."""
+    t = _target(target)
+    runs = []
+    for p in t.presets:
+        if t.blackbox:
+            runs += [RunSpec(p, 0, "evaluated"), RunSpec(p, 1, "black-box source")]
+        else:
+            runs.append(RunSpec(p, 0, "classifier" if p.endswith("natural") else "analysed"))
+    return runs
+
+
+def _target(name: str) -> Target:
+    from .cli import CLIError
+    from .registry import suggest
+
+    if name not in TARGETS:
+        raise CLIError(f"unknown target {name!r}{suggest(name, list(TARGETS))}; known: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def _family(dataset: str) -> str:
+    return "mnist" if dataset.startswith("mnist") else "cifar"
+
+
+def eval_n(budget: str, dataset: str) -> int | None:
+    return EVAL_N.get(budget, EVAL_N["cpu"])[_family(dataset)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# runs
+
+
+def run_config(spec: RunSpec, budget: str, overrides: list[str], data_dir: str | None):
+    from .config import load_config
+
+    cfg = load_config(spec.preset, budget, [*overrides, f"run.seed={spec.seed}"])
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=data_dir))
+    return cfg
+
+
+def run_state(run_dir: Path, cfg) -> tuple[str, int]:
+    """('new' | 'partial' | 'done', step of the last checkpoint). A run directory trained with another
+    config is refused (it would mix budgets in one table)."""
+    from .checkpoint import read_checkpoint
+    from .train import LAST, TrainingError, _same_experiment
+
+    last = run_dir / LAST
+    if not last.exists():
+        return ("partial" if (run_dir / "config.yaml").exists() else "new"), 0
+    meta = read_checkpoint(last)[1]
+    if not _same_experiment(meta["config"], cfg.to_dict()):
+        raise TrainingError(
+            f"{str(run_dir)!r} holds a run of another config (other budget or overrides?); "
+            "remove it or pass another --runs/--out")
+    step = int(meta["step"])
+    return ("done" if step >= cfg.optim.steps else "partial"), step
+
+
+def wall_seconds(run_dir: Path) -> float:
+    try:
+        sessions = json.loads((run_dir / "run.json").read_text()).get("sessions", [])
+        return float(sum(s.get("wall_seconds", 0.0) for s in sessions))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return float("nan")
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[reproduce] {msg}", flush=True)
+
+
+def train_runs(specs, budget, runs_dir: Path, overrides, data_dir, progress: bool, quiet: bool) -> dict:
+    from .train import train
+
+    out = {}
+    for spec in specs:
+        cfg = run_config(spec, budget, overrides, data_dir)
+        d = runs_dir / spec.name
+        state, step = run_state(d, cfg)
+        if state == "done":
+            _log(f"{spec.name}: finished ({step:,} steps), skipped", quiet)
+        else:
+            what = "training" if state == "new" else f"resuming from step {step:,}"
+            _log(f"{spec.name}: {what} ({cfg.optim.steps:,} steps) in {d}", quiet)
+            train(cfg, d, resume=state == "partial", progress=progress,
+                  command=["robustfeat", "train", "--preset", spec.preset, "--budget", budget,
+                           f"run.seed={spec.seed}", *overrides, "--out", str(d)])
+        out[spec.name] = {"preset": spec.preset, "seed": spec.seed, "role": spec.role, "dir": str(d),
+                          "cfg": cfg, "state_before": state}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _best_sha(run_dir: Path) -> str:
+    from .api import checkpoint_path
+    from .eval_run import _sha256
+
+    return _sha256(checkpoint_path(run_dir, "best"))
+
+
+def evaluate(run_dir: Path, source: Path | None, n: int | None, data_dir, progress: bool, quiet: bool) -> dict:
+    """The paper suite on ``run_dir``'s best checkpoint (black box from ``source``); skipped when
+    eval/eval.json already holds it for the same checkpoints and sample size."""
+    from .eval_run import evaluate_run_suite
+
+    f = run_dir / "eval" / "eval.json"
+    if f.exists():
+        try:
+            old = json.loads(f.read_text())
+            same = (old["model"]["sha256"] == _best_sha(run_dir)
+                    and (old.get("source") or {}).get("sha256") == (_best_sha(source) if source else None)
+                    and old["settings"]["suite"] == "paper" and _same_sample(old, n))
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            _log(f"{run_dir.name}: evaluation up to date, skipped", quiet)
+            return old
+    _log(f"{run_dir.name}: paper suite on {'all' if n is None else n} test images"
+         + (f", black box from {source.name}" if source else ""), quiet)
+    res = evaluate_run_suite(run_dir, suite="paper", source=source, n=n, data_dir=data_dir, progress=progress)
+    return json.loads(f.read_text()) if f.exists() else res
+
+
+def _same_sample(old: dict, n: int | None) -> bool:
+    """Whether an earlier result used the sample ``n`` asks for (None or n >= the test set: all of it)."""
+    if old.get("indices") is None:
+        return n is None or n >= old["n"]
+    return old["n"] == n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# analyses
+
+
+def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progress: bool) -> dict:
+    import torch
+
+    from .analysis import (
+        PAPER_CLASSIFIER_TEST_ACC,
+        PAPER_TABLE4,
+        attention_maps,
+        attention_vs_robustness,
+        gradient_map_accuracy,
+        gradient_maps,
+        pick_examples,
+        prepare_maps,
+        subset,
+    )
+    from .api import load_run
+    from .build import build_splits
+    from .evaluate import accuracy, to_float_images
+    from .figures import plot_attention_maps, plot_attention_robustness, plot_gradient_maps
+    from .train import derived_seed
+
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
+    n = ANALYSIS_N.get(budget, ANALYSIS_N["cpu"])
+    loaded = {k: load_run(r["dir"], "best", dev) for k, r in runs.items()}
+    first = next(iter(loaded.values()))
+    splits = build_splits(first[1], data_dir)
+    classes = splits.dataset.classes
+    res: dict[str, Any] = {"kind": kind, "n_per_split": n, "figures": []}
+
+    if kind == "attention-robustness":
+        name, (model, cfg, _meta) = next(iter(loaded.items()))
+        attack = dataclasses.replace(cfg.attack, bn_mode="eval")
+        panels, res["splits"] = {}, {}
+        for k, (split, x, y) in enumerate((("train", splits.x_train, splits.y_train),
+                                          ("test", splits.x_test, splits.y_test))):
+            xs, ys = subset(x, y, n, derived_seed(ANALYSIS_SEED, k))
+            gen = torch.Generator(device=dev).manual_seed(derived_seed(ANALYSIS_SEED + 1, k))
+            r = attention_vs_robustness(model, xs, ys, attack, device=dev, generator=gen, progress=progress)
+            panels[f"{'Training' if split == 'train' else 'Test'} set"] = r
+            res["splits"][split] = {"n": r.n, "spearman_rank_vs_weight": r.spearman,
+                                    "weight_rank0": float(r.mean[0]), "weight_last_rank": float(r.mean[-1]),
+                                    "uniform_weight": 1.0 / len(r.mean), "mean_by_rank": r.mean.tolist()}
+        plot_attention_robustness(panels, figs / "figure2_attention_robustness.png",
+                                  title=f"Attention weight vs. feature robustness: {name}")
+        res["figures"].append("figures/figure2_attention_robustness.png")
+    elif kind == "attention-maps":
+        name, (model, _cfg, _meta) = next(iter(loaded.items()))
+        idx = pick_examples(splits.y_test, FIGURE_IMAGES)
+        x = to_float_images(splits.x_test[idx], dev)
+        _w, up, pred = attention_maps(model, x, device=dev)
+        rel = up * (up.shape[-2] * up.shape[-1])
+        plot_attention_maps(x.cpu(), rel, [classes[int(c)] for c in splits.y_test[idx]],
+                            figs / "figure3_attention_maps.png", predictions=[classes[int(c)] for c in pred],
+                            title=f"Attention maps at the last residual block: {name}")
+        res["figures"].append("figures/figure3_attention_maps.png")
+        res["images"] = idx.tolist()
+    elif kind == "gradient-maps":
+        idx = pick_examples(splits.y_test, FIGURE_IMAGES)
+        x = to_float_images(splits.x_test[idx], dev)
+        y = splits.y_test[idx].to(dev)
+        rows = [(f"{cfg.name}\n{PAPER_TABLE4.get(cfg.name, {}).get('label', '')}",
+                 prepare_maps(gradient_maps(model, x, y)).cpu()) for model, cfg, _ in loaded.values()]
+        plot_gradient_maps(x.cpu(), rows, [classes[int(c)] for c in y], figs / "figure4_gradient_maps.png",
+                           title="Gradient maps: d cross-entropy / d input",
+                           note="clipped to mean +- 3 s.d. per image, then rescaled to [0, 1]")
+        res["figures"].append("figures/figure4_gradient_maps.png")
+        res["images"] = idx.tolist()
+    elif kind == "gradient-classification":
+        clf_name = next(k for k, r in runs.items() if r["role"] == "classifier")
+        clf = loaded[clf_name][0]
+        data = {s: subset(x, y, n, derived_seed(ANALYSIS_SEED, 10 + k)) for k, (s, x, y) in
+                enumerate((("train", splits.x_train, splits.y_train), ("test", splits.x_test, splits.y_test)))}
+        res["classifier"] = {"run": clf_name, "clean_test_acc": accuracy(
+            clf, *data["test"], None, device=dev, progress=False)["clean_acc"],
+            "paper_clean_test_acc": PAPER_CLASSIFIER_TEST_ACC}
+        res["rows"] = {}
+        for k, (model, cfg, _) in loaded.items():
+            if k == clf_name:
+                continue
+            row = {}
+            for s, (x, y) in data.items():
+                for v, a in gradient_map_accuracy(model, clf, x, y, device=dev, progress=progress).items():
+                    row[f"{v}_{s}"] = a
+            res["rows"][k] = {"preset": cfg.name, "ours": row, "paper": PAPER_TABLE4.get(cfg.name)}
+        res["n"] = {s: len(y) for s, (_, y) in data.items()}
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole target
+
+
+def reproduce(
+    target: str,
+    budget: str = "cpu",
+    out: str | os.PathLike | None = None,
+    *,
+    runs_dir: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data_dir: str | None = None,
+    progress: bool = False,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Train, evaluate and analyse everything ``target`` needs under ``budget``; write DIR/README.md
+    and DIR/reproduce.json; returns the summary. Finished work is skipped, interrupted runs resumed."""
+    from .checkpoint import atomic_write_text
+    from .config import preset_budgets
+
+    t0 = time.time()
+    t = _target(target)
+    overrides = list(overrides or [])
+    for p in t.presets:
+        if budget not in preset_budgets(p):
+            from .cli import CLIError
+
+            raise CLIError(f"budget {budget!r} is not defined for preset {p}; known: {', '.join(preset_budgets(p))}")
+    out = Path(out) if out is not None else Path("results") / f"{target}-{budget}"
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan(target)
+    for s in specs:  # validate every config before any training
+        run_config(s, budget, overrides, data_dir)
+    _log(f"{target} ({t.title}), budget {budget}: {len(specs)} runs in {runs_dir}", quiet)
+    runs = train_runs(specs, budget, runs_dir, overrides, data_dir, progress, quiet)
+
+    evals: dict[str, dict] = {}
+    if t.evaluate:
+        for s in specs:
+            if s.role != "evaluated":
+                continue
+            d = Path(runs[s.name]["dir"])
+            src = runs_dir / RunSpec(s.preset, 1, "").name if t.blackbox else None
+            n = eval_n(budget, runs[s.name]["cfg"].data.name)
+            evals[s.preset] = evaluate(d, src, n, data_dir, progress, quiet)
+    analysis = None
+    if t.analysis:
+        _log(f"analysis {t.analysis}", quiet)
+        analysis = run_analysis(t.analysis, runs, budget, out, data_dir, progress)
+
+    summary = _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0)
+    atomic_write_text(out / "reproduce.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out / "README.md", render_readme(summary))
+    _log(f"written {out / 'README.md'}", quiet)
+    return summary
+
+
+def _config_changes(preset: str, budget: str, overrides: list[str]) -> list[str]:
+    """'key: paper value -> this budget's value' for every setting the budget (and overrides) change."""
+    from .config import load_config
+
+    a = load_config(preset).to_dict()
+    b = load_config(preset, budget, overrides).to_dict()
+    out = []
+    for sec, vals in b.items():
+        if not isinstance(vals, dict):
+            continue
+        for k, v in vals.items():
+            if k == "seed" or (sec == "data" and k == "dir"):
+                continue
+            if a[sec].get(k) != v:
+                out.append(f"{sec}.{k}: {_fmt(a[sec].get(k))} -> {_fmt(v)}")
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0) -> dict:
+    import torch
+
+    from .checkpoint import read_checkpoint
+    from .paper_results import paper_results
+    from .train import LAST, git_revision, machine_info
+
+    run_rows = []
+    for name, r in runs.items():
+        d = Path(r["dir"])
+        meta = read_checkpoint(d / LAST)[1]
+        cfg = r["cfg"]
+        run_rows.append({
+            "name": name, "preset": r["preset"], "seed": r["seed"], "role": r["role"],
+            "dir": os.path.relpath(d, out), "path": str(d), "step": meta["step"], "steps": cfg.optim.steps,
+            "examples": cfg.optim.steps * cfg.optim.batch_size,
+            "best_val_pgd": meta["extra"].get("best_val_pgd"), "last_val": meta["extra"].get("val"),
+            "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
+        })
+    results = {}
+    for preset, ev in evals.items():
+        paper = paper_results(preset)
+        rows = []
+        for row in ev["rows"]:
+            p = (paper or {}).get("rows", {}).get(row["id"])
+            ours = 100 * row["accuracy"]
+            rows.append({"id": row["id"], "title": row["title"], "ours": ours,
+                         "ci95": [100 * row["ci95"][0], 100 * row["ci95"][1]], "n": row["n"], "paper": p,
+                         "diff": None if p is None else ours - p})
+        results[preset] = {"column": (paper or {}).get("column", preset), "table": (paper or {}).get("table"),
+                           "rows": rows, "checks": ev.get("checks", []), "masking_suspected": ev.get(
+                               "masking_suspected"), "seconds": ev["settings"].get("seconds"),
+                           "n": ev["n"], "subset": ev.get("subset"),
+                           "eval_dir": os.path.relpath(Path(runs[f"{preset}-seed0"]["dir"]) / "eval", out)}
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cmd = ["robustfeat", "reproduce", target, "--budget", budget, "--out", str(out)]
+    if Path(runs_dir) != Path(out) / "runs":
+        cmd += ["--runs", str(runs_dir)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return {
+        "target": target, "title": t.title, "budget": budget, "overrides": overrides,
+        "command": " ".join(cmd),
+        "git_revision": git_revision(), "machine": machine_info(dev), "python": platform.python_version(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "this_session_seconds": round(time.time() - t0, 1),
+        "budget_changes": {p: _config_changes(p, budget, overrides) for p in t.presets},
+        "eval_n": {p: ev["n"] for p, ev in evals.items()},
+        "runs": run_rows, "results": results, "analysis": analysis,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# README
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
+
+
+def _hms(s: float) -> str:
+    if math.isnan(s):
+        return "?"
+    s = round(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def render_readme(s: dict) -> str:
+    L = [f"# Reproduction of {s['title']}", "",
+         f"Budget **{s['budget']}**" + (" (the paper's published schedule)" if s["budget"] == "paper" else
+                                        " (the paper's architectures and attacks, a shorter schedule: see "
+                                        "Budget below; short budgets are not expected to reach the published "
+                                        "numbers)") + ".", "",
+         f"- command: `{s['command']}`",
+         f"- git revision: `{s['git_revision']}`",
+         f"- machine: {s['machine'].get('platform')}, {s['machine'].get('cpu_count')} CPUs, "
+         f"{s['machine'].get('threads')} torch threads, device {s['machine'].get('device')}"
+         + (f" ({s['machine']['gpu']})" if s["machine"].get("gpu") else "")
+         + f", torch {s['machine'].get('torch')}",
+         (f"- finished {s['finished']}; total training wall time "
+         f"{_hms(sum(r['wall_seconds'] for r in s['runs']))}; evaluation "
+         f"{_hms(sum((v['seconds'] or 0) for v in s['results'].values()))}"), ""]
+    if s["overrides"]:
+        L += [f"- overrides on top of the budget: `{' '.join(s['overrides'])}` (not a paper setting)", ""]
+    if s["results"]:
+        L += _results_section(s)
+    if s["analysis"]:
+        L += _analysis_section(s["analysis"])
+    L += ["## Runs", "",
+          "| run | role | steps | examples | best val PGD | wall time | directory |", "|---|---|---|---|---|---|---|"]
+    for r in s["runs"]:
+        bv = r["best_val_pgd"]
+        L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
+                 f"{'-' if bv is None or bv < 0 else f'{100 * bv:.1f}%'} | {_hms(r['wall_seconds'])} | "
+                 f"`{r['dir']}` |")
+    L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
+          "the `best` checkpoint is chosen by it and evaluated."), "", "## Budget", ""]
+    if s["budget"] == "paper":
+        L.append("The published schedules, unchanged.")
+    else:
+        L.append(f"Settings of budget `{s['budget']}` that differ from the paper's (`paper` -> `{s['budget']}`); "
+                 "everything else, including the model and the attacks, is the paper's:")
+        L.append("")
+        for p, ch in s["budget_changes"].items():
+            L.append(f"- `{p}`: " + ("; ".join(f"`{c}`" for c in ch) if ch else "no change"))
+    if s["eval_n"]:
+        L += ["", "Test images per evaluation: " + ", ".join(
+            f"`{p}` {n:,}" for p, n in s["eval_n"].items())
+            + " (a fixed seeded sample when smaller than the test set; 95% Wilson intervals are given)."]
+    L += ["", "## Commands", "", "```bash", s["command"]]
+    for r in s["runs"]:
+        pre, seed = r["preset"], r["seed"]
+        sets = "".join(f" --set {o}" for o in s["overrides"])
+        L.append(f"robustfeat train --preset {pre} --budget {s['budget']} --set run.seed={seed}{sets} "
+                 f"--out {r['path']}")
+    for p, v in s["results"].items():
+        run = next(r for r in s["runs"] if r["preset"] == p and r["seed"] == 0)
+        src = next((r for r in s["runs"] if r["preset"] == p and r["seed"] == 1), None)
+        n = s["eval_n"].get(p)
+        L.append(f"robustfeat eval {run['path']} --suite paper" + (f" --source {src['path']}" if src else "")
+                 + (f" --n {n}" if v["subset"] != "full test set" else ""))
+    L += ["```", "", ("Re-running the reproduce command skips finished runs and evaluations and resumes "
+          "interrupted runs."), ""]
+    return "\n".join(L)
+
+
+def _results_section(s: dict) -> list[str]:
+    L = ["## Results", "",
+         ("Accuracy in % on the test set (ours with its 95% CI), the paper's, and ours - paper. An example "
+         "counts as robust only if its clean image is classified correctly too. Black box: adversaries "
+         "crafted on an independently trained copy (same preset, seed 1)."), ""]
+    res = s["results"]
+    presets = list(res)
+    ids = [r["id"] for r in res[presets[0]]["rows"] if r["paper"] is not None]
+    L += ["### Summary (ours / paper)", "",
+          "| row | " + " | ".join(res[p]["column"] for p in presets) + " |", "|---|" + "---|" * len(presets)]
+    for rid in ids:
+        cells = []
+        for p in presets:
+            row = next((r for r in res[p]["rows"] if r["id"] == rid), None)
+            cells.append("-" if row is None else f"{_pct(row['ours'])} / {_pct(row['paper'])}")
+        title = next(r["title"] for r in res[presets[0]]["rows"] if r["id"] == rid)
+        L.append(f"| {title} | " + " | ".join(cells) + " |")
+    L.append("")
+    for p in presets:
+        v = res[p]
+        L += [f"### `{p}` ({v['column']})", "",
+              (f"{v['n']:,} test images ({v['subset']}); evaluation {_hms(v['seconds'] or 0)}; "
+              f"files in `{v['eval_dir']}/`."), "",
+              "| row | ours | 95% CI | paper | ours - paper |", "|---|---|---|---|---|"]
+        for r in v["rows"]:
+            L.append(f"| {r['title']} | {_pct(r['ours'])} | {_pct(r['ci95'][0])}-{_pct(r['ci95'][1])} | "
+                     f"{_pct(r['paper'])} | {_signed(r['diff'])} |")
+        flagged = [c for c in v["checks"] if c["status"] == "flagged"]
+        L += ["", "Gradient-masking checks: " + (
+            "; ".join(f"**{c['name']} flagged** ({c['detail']})" for c in flagged) if flagged else
+            "none flagged (" + ", ".join(f"{c['name']} {c['status']}" for c in v["checks"]) + ")."), ""]
+    return L
+
+
+def _analysis_section(a: dict) -> list[str]:
+    L = ["## Analysis", ""]
+    n = a.get("n_per_split")
+    if a["kind"] == "attention-robustness":
+        L.append(f"Mean clean-image attention weight at each robustness rank (rank 0 = the local feature whose "
+                 f"clean and adversarial values are closest), {'all' if n is None else f'{n:,}'} images per split. "
+                 "The paper's claim: weights fall with the rank (negative Spearman correlation).")
+        L += ["", "| split | images | Spearman(rank, weight) | weight at rank 0 | at the last rank | uniform |",
+              "|---|---|---|---|---|---|"]
+        for sp, r in a["splits"].items():
+            L.append(f"| {sp} | {r['n']:,} | {r['spearman_rank_vs_weight']:+.3f} | {r['weight_rank0']:.4f} | "
+                     f"{r['weight_last_rank']:.4f} | {r['uniform_weight']:.4f} |")
+    elif a["kind"] == "gradient-classification":
+        c = a["classifier"]
+        L.append(f"Classifier `{c['run']}`: clean accuracy {100 * c['clean_test_acc']:.2f}% on the test images used "
+                 f"(paper: {100 * c['paper_clean_test_acc']:.2f}%). Images: {a['n']['train']:,} training, "
+                 f"{a['n']['test']:,} test. Accuracy in % on the gradient maps (ours / paper / ours - paper):")
+        L += ["", "| model | clipped, train | clipped, test | raw, train | raw, test |", "|---|---|---|---|---|"]
+        for k, r in a["rows"].items():
+            cells = []
+            for col in ("clipped_train", "clipped_test", "raw_train", "raw_test"):
+                ours = 100 * r["ours"][col]
+                v, sp = col.split("_")
+                p = 100 * r["paper"][v][sp] if r["paper"] else None
+                cells.append(f"{ours:.2f} / {_pct(p)} / {_signed(None if p is None else ours - p)}")
+            L.append(f"| `{k}` | " + " | ".join(cells) + " |")
+    for f in a.get("figures", []):
+        L += ["", f"![{Path(f).stem}]({f})"]
+    if a.get("images"):
+        L += ["", f"Test images shown: {a['images']} (the first image of each class)."]
+    return [*L, ""]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line
+
+
+def register_cli(sub) -> None:
+    s = sub.add_parser(
+        "reproduce", help="train, evaluate and analyse everything a paper table or figure needs",
+        description="Reproduce a table or figure of the paper: trains every model it needs (seeds 0 and 1 "
+        "for black-box rows), evaluates with the paper's suite, runs the analyses and writes DIR/README.md "
+        "with our numbers beside the paper's. Re-running skips finished work and resumes interrupted runs.")
+    s.add_argument("target", choices=list(TARGETS), metavar="TARGET", help=", ".join(TARGETS))
+    s.add_argument("--budget", default="cpu",
+                   help="paper (published schedules), cpu (short CPU schedules, default), fast (FGSM-RS, "
+                   "beyond the paper) or smoke (seconds, for checks)")
+    s.add_argument("--out", help="output directory (default results/TARGET-BUDGET)")
+    s.add_argument("--runs", help="where the run directories live (default OUT/runs); share it between targets")
+    s.add_argument("--data-dir", help="data directory (default $ROBUSTFEAT_DATA, else the user cache)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of every run (recorded in the README; not a paper setting)")
+    s.add_argument("--dry-run", action="store_true", help="print the runs the target needs and their state")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        out = Path(args.out) if args.out else Path("results") / f"{args.target}-{args.budget}"
+        runs_dir = Path(args.runs) if args.runs else out / "runs"
+        for spec in plan(args.target):
+            cfg = run_config(spec, args.budget, args.set, args.data_dir)
+            state, step = run_state(runs_dir / spec.name, cfg)
+            print(f"{spec.name:<34} {spec.role:<17} {state:<8} step {step:,}/{cfg.optim.steps:,} "
+                  f"({cfg.optim.steps * cfg.optim.batch_size:,} examples)")
+        return 0
+    s = reproduce(args.target, args.budget, args.out, runs_dir=args.runs, overrides=args.set,
+                  data_dir=args.data_dir, progress=not args.quiet and sys.stderr.isatty(), quiet=args.quiet)
+    print(f"done: {s['title']} ({s['budget']} budget); report in "
+          f"{Path(args.out) if args.out else Path('results') / (args.target + '-' + args.budget)}/README.md")
+    return 0

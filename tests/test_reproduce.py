@@ -1,0 +1,149 @@
+"""``robustfeat reproduce``: targets -> runs, a whole table end to end on the smoke budget, skipping
+finished work and resuming an interrupted run on re-run, the README, and the budgets."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustfeat import reproduce as rp
+from robustfeat.cli import main
+from robustfeat.config import list_presets, load_config, preset_budgets
+from robustfeat.train import train
+
+# table1 on the smoke budget, smaller still: the embedded MNIST sample (offline), a few steps
+TINY_MNIST = ["data.name=mnist-sample", "data.train_size=200", "data.val_size=50", "optim.batch_size=20",
+              "optim.steps=4", "run.eval_every=2", "run.eval_size=20", "attack.steps=2",
+              "eval_attack.steps=2"]
+CIFAR_DIR = Path("/work/shared/data")
+TINY_CIFAR = [f"data.dir={CIFAR_DIR}", "model.widths=[4,4,8,8]", "data.train_size=32", "data.val_size=16",
+              "optim.batch_size=16", "optim.steps=2", "run.eval_every=2", "run.eval_size=8",
+              "attack.steps=1", "eval_attack.steps=1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches run faster on one thread, especially on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def tiny_eval(monkeypatch):
+    monkeypatch.setitem(rp.EVAL_N, "smoke", {"mnist": 8, "cifar": 8})
+    monkeypatch.setitem(rp.ANALYSIS_N, "smoke", 8)
+
+
+def test_targets_name_the_runs_they_need():
+    names = lambda t: [r.name for r in rp.plan(t)]
+    assert names("table1") == ["mnist-at-seed0", "mnist-at-seed1", "mnist-at-reg-seed0", "mnist-at-reg-seed1"]
+    assert len(rp.plan("table2")) == len(rp.plan("table3")) == len(rp.plan("table5")) == 8
+    assert {r.role for r in rp.plan("table2")} == {"evaluated", "black-box source"}
+    assert names("table4") == ["cifar10-at-seed0", "cifar10-at-att-reg-seed0", "cifar10-natural-seed0"]
+    assert names("figure2") == names("figure3") == ["cifar10-at-att-reg-seed0"]
+    assert names("figure4") == ["cifar10-at-seed0", "cifar10-at-att-reg-seed0"]
+    for t in rp.TARGETS.values():  # every preset exists and has the cpu, fast and smoke budgets
+        for p in t.presets:
+            assert {"paper", "cpu", "fast", "smoke"} <= set(preset_budgets(p))
+
+
+def test_fast_budget_is_fgsm_with_random_start_in_every_preset():
+    for p in list_presets():
+        if p == "demo":
+            continue
+        cfg = load_config(p, "fast")
+        assert cfg.attack.steps == 1 and cfg.attack.random_start
+        assert cfg.attack.step_size == pytest.approx(1.25 * cfg.attack.eps)
+        assert cfg.eval_attack == load_config(p).eval_attack  # the catastrophic-overfitting watch is PGD
+        assert cfg.run.eval_every < cfg.optim.steps
+
+
+def test_cpu_budgets_keep_the_papers_model_and_attacks_and_fit_the_time():
+    for p in ("mnist-at", "mnist-at-reg", "cifar10-at", "cifar10-at-att-reg"):
+        paper, cpu = load_config(p), load_config(p, "cpu")
+        assert cpu.model == paper.model and cpu.method == paper.method and cpu.eval_attack == paper.eval_attack
+        assert (cpu.attack.eps, cpu.attack.step_size, cpu.attack.steps) == (
+            paper.attack.eps, paper.attack.step_size, paper.attack.steps)
+    # the arithmetic of presets/_mnist.yaml and _cifar10.yaml: 44 MNIST PGD-40 examples/s shared,
+    # 2.5 s per CIFAR PGD-5 step shared
+    mnist = load_config("mnist-at", "cpu").optim
+    assert 4 * mnist.steps * mnist.batch_size / 44 < 1.6 * 3600
+    cifar = load_config("cifar10-at", "cpu").optim
+    assert 8 * cifar.steps * 2.5 < 2.5 * 3600
+
+
+@pytest.fixture(scope="module")
+def table1(tmp_path_factory):
+    """table1 end to end; mnist-at-reg-seed1 was interrupted at step 2 before reproduce ran."""
+    out = tmp_path_factory.mktemp("table1")
+    mp = pytest.MonkeyPatch()
+    mp.setitem(rp.EVAL_N, "smoke", {"mnist": 8, "cifar": 8})
+    cfg = rp.run_config(rp.RunSpec("mnist-at-reg", 1, ""), "smoke", TINY_MNIST, None)
+    train(cfg, out / "runs" / "mnist-at-reg-seed1", progress=False, stop_after=2)
+    summary = rp.reproduce("table1", "smoke", out, overrides=TINY_MNIST)
+    mp.undo()
+    return out, summary
+
+
+def test_table1_end_to_end_writes_the_readme(table1):
+    out, s = table1
+    text = (out / "README.md").read_text()
+    for needle in ("# Reproduction of Table 1: MNIST", "Madry et al. (2017)", "AT-reg", "92.86", "95.69",
+                   "96.90", "95% CI", "ours - paper", "Black box, PGD 40 steps", "git revision", "machine:",
+                   "## Budget", "optim.steps: 100000 -> 4", "robustfeat reproduce table1 --budget smoke",
+                   "robustfeat eval", "--source", "wall time"):
+        assert needle in text, needle
+    assert set(s["results"]) == {"mnist-at", "mnist-at-reg"}
+    row = next(r for r in s["results"]["mnist-at"]["rows"] if r["id"] == "whitebox/pgd-40")
+    assert row["paper"] == 92.86 and row["diff"] == pytest.approx(row["ours"] - 92.86)
+    assert row["ci95"][0] <= row["ours"] <= row["ci95"][1] and row["n"] == 8
+    assert any(r["id"] == "blackbox/pgd-40" for r in s["results"]["mnist-at-reg"]["rows"])
+    ev = json.loads((out / "runs/mnist-at-seed0/eval/eval.json").read_text())
+    assert ev["source"]["seed"] == 1 and ev["model"]["seed"] == 0
+    assert json.loads((out / "reproduce.json").read_text())["target"] == "table1"
+
+
+def test_interrupted_run_was_resumed_and_rerun_skips_finished_work(table1, capsys):
+    out, _ = table1
+    sessions = json.loads((out / "runs/mnist-at-reg-seed1/run.json").read_text())["sessions"]
+    assert [(x["from_step"], x["to_step"]) for x in sessions] == [(0, 2), (2, 4)]
+    ev_file = out / "runs/mnist-at-seed0/eval/eval.json"
+    before = ev_file.stat().st_mtime_ns
+    rp.reproduce("table1", "smoke", out, overrides=TINY_MNIST, quiet=False)
+    log = capsys.readouterr().out
+    assert log.count("skipped") == 6, log  # 4 runs + 2 evaluations
+    assert ev_file.stat().st_mtime_ns == before
+    assert len(json.loads((out / "runs/mnist-at-reg-seed1/run.json").read_text())["sessions"]) == 2
+
+
+def test_cli_dry_run_and_errors(table1, capsys):
+    out, _ = table1
+    args = ["reproduce", "table1", "--budget", "smoke", "--out", str(out), "--dry-run"]
+    assert main([*args, *[a for o in TINY_MNIST for a in ("--set", o)]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(" done " in ln for ln in lines)
+    assert main(args) == 2  # other settings than the runs in OUT: refused, not mixed into the table
+    assert "another config" in capsys.readouterr().err
+    assert main(["reproduce", "table1", "--budget", "nope", "--out", str(out)]) == 2
+    assert "budget" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "table9"])
+
+
+@pytest.mark.skipif(not (CIFAR_DIR / "cifar10").exists(), reason="needs ../shared/data/cifar10")
+def test_table4_and_figures_share_runs(tmp_path):
+    runs = tmp_path / "runs"
+    s = rp.reproduce("table4", "smoke", tmp_path / "t4", runs_dir=runs, overrides=TINY_CIFAR)
+    a = s["analysis"]
+    assert set(a["rows"]) == {"cifar10-at-seed0", "cifar10-at-att-reg-seed0"} and a["n"] == {"train": 8, "test": 8}
+    assert "Table 4" in (tmp_path / "t4/README.md").read_text()
+    for target, png in (("figure2", "figure2_attention_robustness.png"), ("figure3", "figure3_attention_maps.png"),
+                        ("figure4", "figure4_gradient_maps.png")):
+        s = rp.reproduce(target, "smoke", tmp_path / target, runs_dir=runs, overrides=TINY_CIFAR)
+        assert all(r["state_before"] == "done" for r in s["runs"])  # trained once, by table4
+        assert (tmp_path / target / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{png}" in (tmp_path / target / "README.md").read_text()
+    assert "Spearman" in (tmp_path / "figure2/README.md").read_text()

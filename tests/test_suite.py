@@ -431,3 +431,34 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a readable safetensors file" in err and err.count("\n") == 1
     assert not (bad / "eval" / "eval.json").exists()
+
+
+def test_interrupted_pgd_rows_resume_from_finished_batches(tiny, tmp_path, monkeypatch):
+    """A PGD evaluation killed after some batches redoes only the rest, with identical results."""
+    model, x, y = tiny
+    rows = [r for r in suite_rows("paper", eps=EPS, step_size=STEP) if r.kind == "whitebox"][:2]
+    kw = {"eps": EPS, "step_size": STEP, "rows": rows, "batch_size": 4, "progress": False, "seed": 3}
+    reference = evaluate_model(model, x, y, **kw)
+
+    calls = {"n": 0}
+    real = suite.pgd_budgets
+
+    def dies_on_third_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # stands for a kill in the middle of the evaluation
+        return real(*a, **k)
+
+    monkeypatch.setattr(suite, "pgd_budgets", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(model, x, y, state_dir=tmp_path, **kw)
+    assert len(list(tmp_path.glob("pgd-*.safetensors"))) == 2  # two finished batches were kept
+
+    calls["n"] = 0
+    monkeypatch.setattr(suite, "pgd_budgets", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1), real(*a, **k))[1])
+    resumed = evaluate_model(model, x, y, state_dir=tmp_path, **kw)
+    assert calls["n"] == 1  # only the unfinished third batch was attacked again
+    for a, b in zip(reference["rows"], resumed["rows"], strict=True):
+        assert a["correct"] == b["correct"], a["id"]
+    for k in reference["per_example"]:
+        assert torch.equal(reference["per_example"][k], resumed["per_example"][k])

@@ -3,8 +3,13 @@
     robustfeat presets
     robustfeat train --preset NAME [--budget cpu] [--out DIR] [--data-dir DIR] [KEY=VALUE ...]
     robustfeat train --resume DIR
-    robustfeat eval RUN_DIR [--checkpoint best|last] [--n N]
+    robustfeat eval RUN_DIR [--suite quick|paper|full] [--source OTHER_RUN_DIR] [--n N]
+    robustfeat analyze attention-robustness|attention-maps|gradient-maps|gradient-classification ...
+    robustfeat reproduce TARGET [--budget cpu|paper|fast|smoke]
+    robustfeat bench [--json] [--out results/bench]
     robustfeat demo
+
+Under torchrun (``torchrun --nproc_per_node=N -m robustfeat train ...``) only rank 0 prints.
 
 User errors (bad config values, missing data, bad checkpoints) print one line and exit with status 2.
 """
@@ -96,11 +101,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=args.data_dir))
-    if not args.quiet:
+    import os
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's rank (the group is joined in train())
+    if not args.quiet and main_rank:
         print(f"robustfeat {__version__}: {describe_config(cfg)}")
         print(f"run directory: {out}")
     res = train(cfg, out, resume=bool(args.resume), progress=not args.quiet, command=sys.argv)
     val = res.last_val
+    if not main_rank:
+        return 0
     print(
         f"done: step {res.step:,} in {res.seconds:.0f}s; validation clean {val.get('clean_acc', float('nan')):.2%}, "
         f"PGD {val.get('pgd_acc', float('nan')):.2%}; best validation PGD {res.best_val_pgd:.2%}; "

@@ -156,7 +156,8 @@ def evaluate_run_suite(
     res = evaluate_model(
         model, x, y, eps=eps, step_size=step_size, suite=suite, rows=rows, source=src_model,
         extra_pgd_steps=sorted(extra), restarts=restarts, seed=seed, batch_size=batch_size, device=dev,
-        channels_last=cfg.run.channels_last, progress=progress, autoattack_dir=out / "autoattack")
+        channels_last=cfg.run.channels_last, progress=progress, autoattack_dir=out / "autoattack",
+        state_dir=out / "state")
     res["settings"]["suite"] = suite if rows is None else "custom"
     res["settings"]["seconds"] = round(time.time() - t0, 1)
     res["model"] = ident

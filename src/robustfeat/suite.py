@@ -28,10 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import pgd_budgets
+from .checkpoint import atomic_write_bytes
 from .config import AttackConfig, ConfigError
 from .evaluate import check_adversary, to_float_images, wilson_interval
 from .seeding import derived_seed
@@ -194,12 +198,16 @@ def evaluate_model(
     channels_last: bool = False,
     progress: bool = True,
     autoattack_dir: str | Path | None = None,
+    state_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` ([0, 1] images -> logits) on (x, y) with a suite's rows.
 
     ``x``: uint8 (N, C, H, W) or float in [0, 1]; ``y``: (N,) labels. ``source``: the model black-box
     adversaries are crafted on (adds black-box rows). ``rows`` overrides ``suite``. ``autoattack_dir``:
-    where AutoAttack keeps finished chunks so an interrupted evaluation resumes.
+    where AutoAttack keeps finished chunks so an interrupted evaluation resumes. ``state_dir``: where
+    the PGD / CW rows keep each finished batch's results, so an interrupted PGD-200 over a whole test
+    set resumes at the first unfinished batch (results are identical: each batch's attack noise is a
+    function of (seed, row group, batch start)).
     Returns {"settings", "n", "rows": [...], "checks": [...], "masking_suspected", "per_example"}.
     Raises ``InvalidAdversary`` if any adversarial batch leaves the threat model.
     """
@@ -238,8 +246,10 @@ def evaluate_model(
         for r in rows:
             if r.kind in ("whitebox", "blackbox", "sanity"):
                 groups.setdefault(r.group, []).append(r)
+        cache = _BatchCache(state_dir, model, source, seed) if state_dir is not None else None
         for members in groups.values():
-            _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds)
+            _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds,
+                       cache)
         if any(r.kind == "autoattack" for r in rows):
             from .autoattack_row import run_autoattack
 
@@ -277,7 +287,38 @@ def evaluate_model(
     }
 
 
-def _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds) -> None:
+class _BatchCache:
+    """Finished batches of the PGD / CW rows on disk, keyed by everything their result depends on."""
+
+    def __init__(self, state_dir: str | Path, model: nn.Module, source: nn.Module | None, seed: int):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.base = f"{model_fingerprint(model)}|{model_fingerprint(source) if source is not None else ''}|{seed}"
+
+    def path(self, group: tuple, budgets: list[int], start: int, xs: torch.Tensor, ys: torch.Tensor) -> Path:
+        h = hashlib.sha256(f"{self.base}|{group!r}|{budgets}|{start}".encode())
+        h.update(xs.detach().cpu().contiguous().numpy().tobytes())
+        h.update(ys.detach().cpu().contiguous().numpy().tobytes())
+        return self.dir / f"pgd-{h.hexdigest()[:32]}.safetensors"
+
+    @staticmethod
+    def load(path: Path, budgets: list[int], size: int) -> dict[int, torch.Tensor] | None:
+        if not path.exists():
+            return None
+        try:
+            t = load_file(str(path))
+            out = {k: t[f"k{k}"].bool() for k in budgets}
+        except (SafetensorError, OSError, KeyError, ValueError):  # damaged: recomputed, never trusted
+            return None
+        return out if all(v.shape == (size,) for v in out.values()) else None
+
+    @staticmethod
+    def save(path: Path, ok: dict[int, torch.Tensor]) -> None:
+        atomic_write_bytes(path, save_tensors({f"k{k}": v.to(torch.uint8).contiguous() for k, v in ok.items()}))
+
+
+def _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds,
+               cache: _BatchCache | None = None) -> None:
     """One multi-budget PGD run per batch for rows that differ only in their step count."""
     r0 = members[0]
     budgets = sorted({r.steps for r in members})
@@ -293,15 +334,24 @@ def _run_group(model, source, members, clean, batch, n, batch_size, seed, progre
         xb, yb = batch(i)
         dev_idx = idx.to(xb.device)
         xs, ys = xb[dev_idx], yb[dev_idx]
+        path = cache.path(r0.group, budgets, i, xs, ys) if cache is not None else None
+        done = cache.load(path, budgets, len(idx)) if path is not None else None
+        if done is not None:
+            for k, ok in done.items():
+                robust[k][i + idx] = ok
+            continue
         gen = torch.Generator(device=xs.device).manual_seed(derived_seed(seed, tag, i))
         advs = pgd_budgets(attacker, xs, ys, eps=r0.eps, step_size=r0.step_size, budgets=budgets,
                            restarts=r0.restarts, random_start=r0.random_start, loss=r0.loss,
                            bn_mode=r0.bn_mode, generator=gen, keep_best=r0.kind != "blackbox")
+        batch_ok = {}
         for k, xa in advs.items():
             check_adversary(xs, xa, r0.eps)
             with torch.no_grad():
-                ok = (model(xa).argmax(1) == ys).cpu()
-            robust[k][i + idx] = ok
+                batch_ok[k] = (model(xa).argmax(1) == ys).cpu()
+            robust[k][i + idx] = batch_ok[k]
+        if path is not None:
+            cache.save(path, batch_ok)
     per_row = (time.time() - t0) / len(members)
     for r in members:
         flags[r.id], seconds[r.id] = robust[r.steps], per_row

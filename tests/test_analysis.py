@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 from robustfeat.analysis import (
     AnalysisError,
@@ -34,7 +35,7 @@ from robustfeat.evaluate import to_float_images
 from robustfeat.models import create_model
 from robustfeat.train import train
 
-CIFAR = Path("/work/shared/data/cifar10/cifar10_lossless.npz")
+CIFAR = SHARED_DATA / "cifar10" / "cifar10_lossless.npz"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ATTACK = AttackConfig(eps=8 / 255, step_size=2 / 255, steps=2, bn_mode="eval")
 
@@ -261,7 +262,7 @@ def att_run(tmp_path_factory):
     if not CIFAR.exists():
         pytest.skip("CIFAR-10 data not available")
     cfg = load_config("cifar10-at-att", "smoke", overrides=[
-        "data.dir=/work/shared/data", "model.widths=[4,4,8,8]", "data.train_size=16", "data.val_size=8",
+        f"data.dir={SHARED_DATA}", "model.widths=[4,4,8,8]", "data.train_size=16", "data.val_size=8",
         "optim.batch_size=8", "optim.steps=1", "attack.steps=1", "eval_attack.steps=1",
         "run.eval_every=1", "run.eval_size=8", "run.log_every=1", "run.device=cpu",
     ])

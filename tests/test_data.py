@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 import robustfeat.data as rd
 from robustfeat.data import (
@@ -30,7 +31,7 @@ from robustfeat.data import (
 from robustfeat.data import datasets as dsmod
 from robustfeat.data import download as dl
 
-SHARED = Path("/work/shared/data")
+SHARED = SHARED_DATA
 MNIST_RAW = SHARED / "MNIST" / "raw"
 CIFAR_NPZ = SHARED / "cifar10" / "cifar10_lossless.npz"
 have_mnist = pytest.mark.skipif(

@@ -2,10 +2,10 @@
 finished work and resuming an interrupted run on re-run, the README, and the budgets."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import SHARED_DATA
 
 from robustfeat import reproduce as rp
 from robustfeat.cli import main
@@ -16,7 +16,7 @@ from robustfeat.train import train
 TINY_MNIST = ["data.name=mnist-sample", "data.train_size=200", "data.val_size=50", "optim.batch_size=20",
               "optim.steps=4", "run.eval_every=2", "run.eval_size=20", "attack.steps=2",
               "eval_attack.steps=2"]
-CIFAR_DIR = Path("/work/shared/data")
+CIFAR_DIR = SHARED_DATA
 TINY_CIFAR = [f"data.dir={CIFAR_DIR}", "model.widths=[4,4,8,8]", "data.train_size=32", "data.val_size=16",
               "optim.batch_size=16", "optim.steps=2", "run.eval_every=2", "run.eval_size=8",
               "attack.steps=1", "eval_attack.steps=1"]

@@ -652,7 +652,7 @@ CATALOGUE = {
     "cli-bad-override": (lambda t, g: partial(main, _train_argv(t, "optim.lr=-1")), 2),
     "cli-override-syntax": (lambda t, g: partial(main, _train_argv(t, "optim.lr")), 2),
     "cli-unknown-key": (lambda t, g: partial(main, _train_argv(t, "optim.lrr=0.1")), 2),
-    "cli-bad-budget": (lambda t, g: partial(main, _train_argv(t, "--budget", "fast")), 2),
+    "cli-bad-budget": (lambda t, g: partial(main, _train_argv(t, "--budget", "turbo")), 2),
     "cli-bad-device": (lambda t, g: partial(main, _train_argv(t, "run.device=cuda:x")), 2),
     "cli-missing-npz": (lambda t, g: partial(main, _train_argv(t, "data.name=npz", f"data.path={t}/x.npz")), 2),
     "cli-missing-config-file": (lambda t, g: partial(main, ["train", "--config", str(t / "c.yaml"),

@@ -33,7 +33,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from robustfeat.api import load_model, load_run
-from robustfeat.build import build_splits
 from robustfeat.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -78,16 +77,6 @@ def _snapshot(root: Path) -> dict[str, str]:
         rel = str(p.relative_to(root))
         out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return out
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config("demo", overrides=TINY)
-
-
-@pytest.fixture(scope="module")
-def splits(cfg):
-    return build_splits(cfg)
 
 
 @pytest.fixture(scope="module")

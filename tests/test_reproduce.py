@@ -4,7 +4,6 @@ finished work and resuming an interrupted run on re-run, the README, and the bud
 import json
 
 import pytest
-import torch
 from shared_data import SHARED_DATA
 
 from robustfeat import reproduce as rp
@@ -22,13 +21,7 @@ TINY_CIFAR = [f"data.dir={CIFAR_DIR}", "model.widths=[4,4,8,8]", "data.train_siz
               "attack.steps=1", "eval_attack.steps=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches run faster on one thread, especially on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

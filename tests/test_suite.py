@@ -30,13 +30,7 @@ TINY = [  # as in test_train: trains in seconds on the embedded MNIST sample
 EPS, STEP = 4 / 255, 1 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny batches run faster on one thread, especially on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_cnn():

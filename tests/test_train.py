@@ -6,9 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from robustfeat.build import build_splits
 from robustfeat.cli import main
-from robustfeat.config import load_config
 from robustfeat.train import train
 
 TINY = [
@@ -17,16 +15,6 @@ TINY = [
     "eval_attack.steps=2", "eval_attack.step_size=0.15",
     "run.eval_every=3", "run.eval_size=40", "run.log_every=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config("demo", overrides=TINY)
-
-
-@pytest.fixture(scope="module")
-def splits(cfg):
-    return build_splits(cfg)
 
 
 def _weights(run_dir):

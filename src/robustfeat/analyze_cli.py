@@ -72,6 +72,19 @@ def _user_error(msg: str):
     return CLIError(msg)
 
 
+def _load_attention_run(args, analysis: str):
+    """Check --n, load RUN_DIR, and refuse (one line, exit 2) a model without attention."""
+    from .analysis import AnalysisError, require_attention
+
+    _check_n(args)
+    model, cfg, meta, dev = _load(args.run_dir, args)
+    try:
+        require_attention(model, analysis)
+    except AnalysisError as e:
+        raise _user_error(f"{args.run_dir} ({cfg.name}): {e}") from None
+    return model, cfg, meta, dev
+
+
 def _load(run_dir: str, args):
     from .api import load_run
     from .build import resolve_device
@@ -131,17 +144,12 @@ def cmd_attention_robustness(args) -> int:
 
     import torch
 
-    from .analysis import AnalysisError, attention_vs_robustness, require_attention, subset
+    from .analysis import attention_vs_robustness, subset
     from .checkpoint import atomic_write_text
     from .figures import plot_attention_robustness
     from .seeding import derived_seed
 
-    _check_n(args)
-    model, cfg, meta, dev = _load(args.run_dir, args)
-    try:
-        require_attention(model, "attention-robustness")
-    except AnalysisError as e:
-        raise _user_error(f"{args.run_dir} ({cfg.name}): {e}") from None
+    model, cfg, meta, dev = _load_attention_run(args, "attention-robustness")
     names = [s.strip() for s in args.splits.split(",") if s.strip()]
     splits = _splits(cfg, args)
     attack = dataclasses.replace(cfg.attack, bn_mode="eval")
@@ -185,16 +193,11 @@ def cmd_attention_robustness(args) -> int:
 
 
 def cmd_attention_maps(args) -> int:
-    from .analysis import AnalysisError, attention_maps, pick_examples, require_attention
+    from .analysis import attention_maps, pick_examples
     from .evaluate import to_float_images
     from .figures import plot_attention_maps
 
-    _check_n(args)
-    model, cfg, meta, dev = _load(args.run_dir, args)
-    try:
-        require_attention(model, "attention-maps")
-    except AnalysisError as e:
-        raise _user_error(f"{args.run_dir} ({cfg.name}): {e}") from None
+    model, cfg, meta, dev = _load_attention_run(args, "attention-maps")
     splits = _splits(cfg, args)
     idx = pick_examples(splits.y_test, args.n)
     x = to_float_images(splits.x_test[idx], dev)

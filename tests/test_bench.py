@@ -43,6 +43,18 @@ def test_table_output_and_variant_errors(capsys):
     assert "unknown variant 'fastest'" in capsys.readouterr().err
 
 
+def test_bf16_variants_report_the_bf16_matmul_rate(capsys):
+    assert main([*TINY, "--json", "--no-eval", "--variants", "ours,ours-bf16,ours-bf16-attack32,textbook"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["matmul"]["dtype"] == "float32" and report["matmul_bf16"]["dtype"] == "bfloat16"
+    t = report["cases"][0]["train"]
+    for v in ("ours-bf16", "ours-bf16-attack32"):
+        # same work counted (the FLOP count does not depend on the dtype), its own rate and speedup
+        assert t[v]["flops_per_example"] == t["ours"]["flops_per_example"]
+        assert 0 < t[v]["bf16_peak_fraction"] and t[v]["speedup_vs_textbook"] > 0
+    assert "bf16_peak_fraction" not in t["ours"]
+
+
 def test_flop_count_of_a_linear_layer():
     import torch
 

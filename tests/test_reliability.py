@@ -202,7 +202,7 @@ def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip(lines: list[str]) -> list[dict]:
-    return [{k: v for k, v in json.loads(s).items() if k != "examples_per_s"} for s in lines]
+    return [{k: v for k, v in json.loads(s).items() if k not in ("examples_per_s", "wall_s")} for s in lines]
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):

@@ -183,7 +183,7 @@ def pgd_budgets(
                 if t < top:
                     x_adv.requires_grad_(True)
                     logits = model(x_adv)
-                    (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
+                    (grad,) = torch.autograd.grad(loss_fn(logits.float(), y).sum(), x_adv)
                     x_adv = x_adv.detach()
                 elif not track:
                     results[top] = x_adv

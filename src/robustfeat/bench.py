@@ -18,8 +18,11 @@ median, min and max examples/s are reported. Floating-point work per example is 
 convolutions, i.e. the dense work), giving the achieved GFLOP/s and its ratio to the device's dense
 fp32 matrix-multiply rate, measured here by timing an N x N ``torch.mm`` (``--matmul-size``).
 
-Optional variants isolate single choices: ``ours-nchw`` (channels_last off) and ``ours-nosync`` (no
-per-step ``isfinite`` host sync). ``--profile`` adds the operator profile of one step of the first case.
+Optional variants isolate single choices: ``ours-nchw`` (channels_last off), ``ours-nosync`` (no
+per-step ``isfinite`` host sync), ``ours-bf16`` (``run.precision=bf16``: attack and update under bf16
+autocast) and ``ours-bf16-attack32`` (bf16 update, fp32 attack: ``run.attack_fp32=true``). With a bf16
+variant the bf16 matrix-multiply rate is measured too, and the bf16 rows also report their fraction
+of it (on CPUs with AMX it is several times the fp32 rate). ``--profile`` adds the operator profile of one step of the first case.
 
 Data are synthetic uint8 images of the dataset's shape (speed does not depend on pixel values, and
 no download is needed). Results: ``--json`` prints JSON; ``--out results/bench`` writes
@@ -43,7 +46,9 @@ DEFAULT_PRESETS = (
     "cifar10-wide3-at", "cifar10-wide3-at-att-reg",
 )
 DEFAULT_VARIANTS = ("ours", "textbook")
-ALL_VARIANTS = ("ours", "ours-nchw", "ours-nosync", "textbook")
+ALL_VARIANTS = ("ours", "ours-nchw", "ours-nosync", "ours-bf16", "ours-bf16-attack32", "textbook")
+BF16_VARIANTS = {"ours-bf16": False, "ours-bf16-attack32": True}
+"""bf16 variant -> run.attack_fp32."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -108,14 +113,17 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_gflops(device, n: int = 2048, repeats: int = 5, warmup: int = 2) -> dict[str, Any]:
-    """Dense fp32 matrix-multiply rate of ``device``: GFLOP/s of ``torch.mm`` on n x n matrices."""
+def matmul_gflops(device, n: int = 2048, repeats: int = 5, warmup: int = 2, dtype: str = "float32"
+                  ) -> dict[str, Any]:
+    """Dense matrix-multiply rate of ``device`` in ``dtype`` (float32 or bfloat16): GFLOP/s of
+    ``torch.mm`` on n x n matrices."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, generator=g)
-    b = torch.randn(n, n, device=device, generator=g)
-    c = torch.empty(n, n, device=device)
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n, device=device, generator=g).to(dt)
+    b = torch.randn(n, n, device=device, generator=g).to(dt)
+    c = torch.empty(n, n, device=device, dtype=dt)
     for _ in range(warmup):
         torch.mm(a, b, out=c)
     _sync(device)
@@ -127,7 +135,7 @@ def matmul_gflops(device, n: int = 2048, repeats: int = 5, warmup: int = 2) -> d
             torch.mm(a, b, out=c)
         _sync(device)
         rates.append(inner * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {"n": n, "dtype": "float32", "gflops": _stats(rates)}
+    return {"n": n, "dtype": dtype, "gflops": _stats(rates)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,12 +155,15 @@ def _synthetic(cfg, n: int, seed: int = 0):
 
 
 def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool | None = None,
-                sync: bool = True):
-    """(model, step) with ``step(i)`` = one step of ``robustfeat.train`` at full attack strength."""
+                sync: bool = True, precision: str | None = None, attack_fp32: bool | None = None):
+    """(model, step) with ``step(i)`` = one step of ``robustfeat.train`` at full attack strength;
+    ``precision`` / ``attack_fp32`` override ``run.precision`` / ``run.attack_fp32``."""
+    import dataclasses
+
     import torch
 
     from .attacks import attack_from_config
-    from .build import build_model
+    from .build import build_model, training_autocast
     from .data import DeviceLoader
     from .methods import METHODS, method_loss
     from .seeding import derived_seed
@@ -169,6 +180,9 @@ def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool |
     spec = METHODS.get(cfg.method.name)
     lam = cfg.lam
     gen = torch.Generator(device=device)
+    run = dataclasses.replace(
+        cfg.run, precision=cfg.run.precision if precision is None else precision,
+        attack_fp32=cfg.run.attack_fp32 if attack_fp32 is None else attack_fp32)
 
     def step(i: int) -> None:
         model.train()
@@ -176,9 +190,11 @@ def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool |
         x_adv = None
         if spec.adversarial:
             gen.manual_seed(derived_seed(0, ATTACK_STREAM, i))
-            x_adv = attack_from_config(model, x, yb, cfg.attack, generator=gen, keep_best=False)
+            with training_autocast(run, device, attack=True):
+                x_adv = attack_from_config(model, x, yb, cfg.attack, generator=gen, keep_best=False)
         model.train()
-        loss, _ = method_loss(model, x, x_adv, yb, lam)
+        with training_autocast(run, device):
+            loss, _ = method_loss(model, x, x_adv, yb, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if sync and not torch.isfinite(loss):
@@ -313,7 +329,8 @@ def _eval_step(model, cfg, x_u8, y, device, batch: int, channels_last: bool):
 
 def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, steps: int, batch: int | None,
                attack_steps: int | None, eval_steps: int | None, do_eval: bool, data_size: int,
-               workers: int, peak: float | None, overrides: list[str] | None = None) -> dict[str, Any]:
+               workers: int, peak: float | None, overrides: list[str] | None = None,
+               peak_bf16: float | None = None) -> dict[str, Any]:
     from .config import load_config
 
     ov = list(overrides or [])
@@ -346,9 +363,11 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
         if v == "textbook":
             model, step = textbook_trainer(cfg, x_u8, y, classes, device, workers=workers)
         else:
+            bf16 = v in BF16_VARIANTS
             model, step = our_trainer(cfg, x_u8, y, classes, device,
                                       channels_last=False if v == "ours-nchw" else None,
-                                      sync=v != "ours-nosync")
+                                      sync=v != "ours-nosync", precision="bf16" if bf16 else None,
+                                      attack_fp32=BF16_VARIANTS.get(v))
         flops = count_flops(lambda step=step: step(10_000)) / b
         rate = time_throughput(step, b, device, warmup=warmup, repeats=repeats, steps=steps)
         case["train"][v] = {"examples_per_s": rate, "flops_per_example": round(flops), **gf(flops, rate)}
@@ -364,6 +383,13 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
             if v != "ours":
                 t["ours"][f"speedup_vs_{v}"] = round(t["ours"]["examples_per_s"]["median"]
                                                     / t[v]["examples_per_s"]["median"], 3)
+    for v in t:
+        if v in BF16_VARIANTS:
+            if peak_bf16:
+                t[v]["bf16_peak_fraction"] = round(t[v]["gflops"] / peak_bf16, 4)
+            if "textbook" in t:
+                t[v]["speedup_vs_textbook"] = round(t[v]["examples_per_s"]["median"]
+                                                    / t["textbook"]["examples_per_s"]["median"], 3)
     if do_eval:
         if ours_model is None:
             ours_model, _ = our_trainer(cfg, x_u8, y, classes, device)
@@ -429,6 +455,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     mm = None if args.matmul_size == 0 else matmul_gflops(device, args.matmul_size, repeats=max(3, args.repeats))
     report["matmul"] = mm
     peak = mm["gflops"]["median"] if mm else None
+    mm16 = None
+    if args.matmul_size and any(v in BF16_VARIANTS for v in variants):
+        mm16 = matmul_gflops(device, args.matmul_size, repeats=max(3, args.repeats), dtype="bfloat16")
+        report["matmul_bf16"] = mm16
     cases = []
     for p in presets:
         if not args.json:
@@ -437,7 +467,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                 steps=args.steps, batch=args.batch, attack_steps=args.attack_steps,
                                 eval_steps=args.eval_steps, do_eval=not args.no_eval,
                                 data_size=args.data_size, workers=args.workers, peak=peak,
-                                overrides=list(args.set or [])))
+                                overrides=list(args.set or []),
+                                peak_bf16=mm16["gflops"]["median"] if mm16 else None))
     report["cases"] = cases
     if args.profile and presets:
         report["profile"] = {"preset": presets[0], "table": profile_step(presets[0], device, _overrides(args))}
@@ -463,7 +494,13 @@ def format_table(report: dict[str, Any]) -> str:
         g = mm["gflops"]
         lines.append(f"fp32 matmul {mm['n']}x{mm['n']}: {g['median']:.1f} GFLOP/s (min {g['min']:.1f}, "
                      f"max {g['max']:.1f})")
-    head = ("preset", "what", "ex/s median", "min-max", "MFLOP/ex", "GFLOP/s", "% matmul", "speedup")
+    mm16 = report.get("matmul_bf16")
+    if mm16:
+        g = mm16["gflops"]
+        lines.append(f"bf16 matmul {mm16['n']}x{mm16['n']}: {g['median']:.1f} GFLOP/s (min {g['min']:.1f}, "
+                     f"max {g['max']:.1f})")
+    head = ("preset", "what", "ex/s median", "min-max", "MFLOP/ex", "GFLOP/s", "% matmul", "% bf16 mm",
+            "speedup")
     rows = [head]
     for c in report["cases"]:
         items = [(f"train {v} (PGD-{c['attack']['steps']})", d) for v, d in c["train"].items()]
@@ -475,13 +512,15 @@ def format_table(report: dict[str, Any]) -> str:
             rows.append((c["preset"], what, f"{r['median']:.1f}", f"{r['min']:.1f}-{r['max']:.1f}",
                          f"{d['flops_per_example'] / 1e6:.1f}", f"{d['gflops']:.1f}",
                          f"{100 * d['peak_fraction']:.1f}" if "peak_fraction" in d else "-",
+                         f"{100 * d['bf16_peak_fraction']:.1f}" if "bf16_peak_fraction" in d else "",
                          f"{sp:.2f}x" if sp else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append("")
     lines.append("MFLOP/ex: the variant's own matmul+conv work per example; GFLOP/s and % matmul: useful work "
-                 "(our step's FLOPs) per second. speedup: ours over the textbook loop.")
+                 "(our step's FLOPs) per second, against the fp32 matmul rate (% bf16 mm: against the bf16 "
+                 "rate). speedup: over the textbook loop (fp32, NCHW, per-sample DataLoader).")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, ModelConfig, RunConfig
 from .data import Dataset, load_dataset, train_val_split
 from .models import RobustModel, create_model
 
@@ -29,6 +29,14 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"run.device={name!r} but this machine has no MPS device; use run.device=cpu")
     return dev
+
+
+def training_autocast(run: RunConfig, device: torch.device, *, attack: bool = False):
+    """The autocast context of training's passes under ``run.precision``: off for fp32; bfloat16 for
+    bf16, except for the adversary's passes when ``run.attack_fp32`` is set. Only training uses it:
+    validation and evaluation always run in fp32."""
+    enabled = run.precision == "bf16" and not (attack and run.attack_fp32)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @dataclass

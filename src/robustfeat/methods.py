@@ -55,8 +55,8 @@ for _spec in (
 
 
 def feature_distance(f_clean: torch.Tensor, f_adv: torch.Tensor) -> torch.Tensor:
-    """||G(x) - G(x')||_2 per example, (B,)."""
-    return torch.linalg.vector_norm(f_clean - f_adv, ord=2, dim=1)
+    """||G(x) - G(x')||_2 per example, (B,), in fp32 even when the features are bf16 (autocast)."""
+    return torch.linalg.vector_norm(f_clean.float() - f_adv.float(), ord=2, dim=1)
 
 
 def method_loss(
@@ -73,12 +73,12 @@ def method_loss(
     """
     if x_adv is None:  # natural training
         logits = model(x)
-        ce = F.cross_entropy(logits, y)
+        ce = F.cross_entropy(logits.float(), y)
         parts = {"loss": ce.detach(), "ce": ce.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
         return ce, parts
     f_adv = model.forward_features(x_adv)
     logits = model.forward_head(f_adv)
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits.float(), y)
     parts = {"ce": ce.detach(), "adv_acc": (logits.detach().argmax(1) == y).float().mean()}
     if lam > 0:
         reg = feature_distance(model.forward_features(x), f_adv).mean()

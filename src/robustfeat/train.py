@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .attacks import attack_from_config, start_noise
-from .build import Splits, build_model, build_splits, resolve_device
+from .build import Splits, build_model, build_splits, resolve_device, training_autocast
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -273,11 +273,19 @@ def _saved_config(out_dir: Path) -> Config:
 
 
 def _same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Configs equal up to where the data lives (data.dir may differ between machines)."""
-    def strip(d: dict[str, Any]) -> dict[str, Any]:
+    """Configs equal up to where the data lives (data.dir may differ between machines). Both are read
+    back through the config classes first, so a config saved before a key existed compares with the
+    key's default (which is, by rule, the behaviour from before the key existed)."""
+    from .config import ConfigError, config_from_dict
+
+    def norm(d: dict[str, Any]) -> dict[str, Any]:
+        try:
+            d = config_from_dict(d).to_dict()
+        except ConfigError:
+            pass  # an invalid saved config compares as it is (and so differs)
         return {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "dir"}}
 
-    return strip(a) == strip(b)
+    return norm(a) == norm(b)
 
 
 def _history(run_json: Path) -> list[Any]:
@@ -368,6 +376,8 @@ def train(
     }
     run_json = out_dir / "run.json"
     history = _history(run_json) if resume else []
+    # wall seconds of the earlier sessions: records carry the run's total training time so far
+    wall_before = sum(float(h.get("wall_seconds", 0.0)) for h in history if isinstance(h, dict))
     if dctx.main:
         atomic_write_text(run_json, json.dumps({**info, "sessions": history}, indent=2))
 
@@ -422,10 +432,12 @@ def train(
                     noise = dctx.shard(noise, dim=1)
             x, y = dctx.shard(x), dctx.shard(y)  # [distributed] this rank's rows of the global batch
             if spec.adversarial:
-                x_adv = attack_from_config(model, x, y, cfg.attack, generator=gen, keep_best=False,
-                                           eps=eps, step_size=alpha, noise=noise)
+                with training_autocast(cfg.run, device, attack=True):
+                    x_adv = attack_from_config(model, x, y, cfg.attack, generator=gen, keep_best=False,
+                                               eps=eps, step_size=alpha, noise=noise)
             model.train()
-            loss, parts = method_loss(model, x, x_adv, y, lam)
+            with training_autocast(cfg.run, device):
+                loss, parts = method_loss(model, x, x_adv, y, lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # [distributed] gradients (and the loss) averaged over ranks; the loss itself in one process
@@ -446,7 +458,8 @@ def train(
                 rec = {"kind": "train", "step": done, "examples": done * cfg.optim.batch_size,
                        "lr": learning_rate(cfg, step), "eps": round(eps, 6),
                        **{k: round(float(v) / n_sum, 6) for k, v in sums.items()},
-                       "examples_per_s": round(n_sum * cfg.optim.batch_size / max(now - t_log, 1e-9), 2)}
+                       "examples_per_s": round(n_sum * cfg.optim.batch_size / max(now - t_log, 1e-9), 2),
+                       "wall_s": round(wall_before + now - t_start, 1)}
                 log.write(rec)
                 if tb is not None:
                     for k, v in rec.items():
@@ -458,7 +471,8 @@ def train(
             bar.update(1)
             if done % cfg.run.eval_every == 0 or done == total:
                 last_val = evaluate_split(model, cfg, x_val, y_val, device) if dctx.main else {}
-                log.write({"kind": "eval", "step": done, "split": "val", "n": len(y_val), **last_val})
+                log.write({"kind": "eval", "step": done, "split": "val", "n": len(y_val), **last_val,
+                           "wall_s": round(wall_before + time.time() - t_start, 1)})
                 if tb is not None:
                     for k, v in last_val.items():
                         tb.add_scalar(f"val/{k}", v, done)

@@ -17,6 +17,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from ..fsutil import fsync_dir
+
 FIX_HINT = "delete it and rerun to download it again, or pass --data-dir DIR holding the official files"
 
 
@@ -118,19 +120,6 @@ def verify_md5(
 # --------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fetch_to(url: str, tmp, *, desc: str, progress: bool) -> str:
     """Stream ``url`` into the open binary file ``tmp``; return the hex MD5 of what was written."""
     from tqdm import tqdm
@@ -197,7 +186,7 @@ def download_file(
                 errors.append(f"{url}: MD5 mismatch (expected MD5 {md5}, got {actual})")
                 continue
             os.replace(tmp_path, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             return dest
         except DataError as e:
             errors.append(str(e))

@@ -1,0 +1,116 @@
+"""run.precision=bf16 (autocast) changes the arithmetic of training, not the method: same loss and
+gradients up to bf16 rounding, fp32 weights and checkpoints, attacks that keep their guarantees,
+fp32 validation; run.attack_fp32 crafts exactly the fp32 adversary."""
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robustfeat.attacks import attack_from_config, ce_loss
+from robustfeat.build import build_model, training_autocast
+from robustfeat.config import ConfigError, load_config
+from robustfeat.data import DeviceLoader
+from robustfeat.methods import method_loss
+from robustfeat.train import _same_experiment, train
+
+TINY = [
+    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=4",
+    "attack.steps=3", "attack.step_size=0.1", "eval_attack.steps=2", "eval_attack.step_size=0.15",
+    "run.eval_every=4", "run.eval_size=40", "run.log_every=2",
+]
+CPU = torch.device("cpu")
+
+
+def _run(cfg, **kw):
+    return dataclasses.replace(cfg.run, **kw)
+
+
+@pytest.fixture(scope="module")
+def batch(cfg, splits):
+    x, y = DeviceLoader(splits.x_train, splits.y_train, batch_size=32, device=CPU, seed=0).batch(0)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10, 1)
+    return model, x, y
+
+
+def test_precision_is_validated():
+    with pytest.raises(ConfigError, match=r"run.precision.*'fp16'.*fp32, bf16"):
+        load_config("demo", overrides=["run.precision=fp16"])
+    with pytest.raises(ConfigError, match="run.attack_fp32"):
+        load_config("demo", overrides=["run.attack_fp32=3"])
+
+
+def test_bf16_loss_and_gradients_match_fp32(cfg, batch, one_thread):
+    model, x, y = batch
+    x_adv = (x + 0.2 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))).clamp(0, 1)
+    grads, losses = {}, {}
+    for prec in ("fp32", "bf16"):
+        model.zero_grad(set_to_none=True)
+        with training_autocast(_run(cfg, precision=prec), CPU):
+            loss, parts = method_loss(model, x, x_adv, y, lam=0.01)
+        assert loss.dtype == torch.float32 and parts["reg"].dtype == torch.float32
+        loss.backward()
+        losses[prec] = loss.item() if not loss.requires_grad else loss.detach().item()
+        grads[prec] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+    cos = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)
+    assert cos > 0.99
+    assert not torch.equal(grads["bf16"], grads["fp32"])  # autocast really ran in bf16
+
+
+def test_bf16_attack_keeps_its_guarantees_and_its_strength(cfg, batch, one_thread):
+    model, x, y = batch
+    a = dataclasses.replace(cfg.attack, eps=0.3, step_size=0.05, steps=10)
+    out = {}
+    for prec in ("fp32", "bf16"):
+        with training_autocast(_run(cfg, precision=prec), CPU, attack=True):
+            x_adv = attack_from_config(model, x, y, a, generator=torch.Generator().manual_seed(0), keep_best=False)
+        assert x_adv.dtype == torch.float32
+        assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            out[prec] = ce_loss(model(x_adv), y).mean().item()
+    with torch.no_grad():
+        clean = ce_loss(model(x), y).mean().item()
+    # the bf16 adversary raises the (fp32) loss as much as the fp32 one, up to a few percent
+    assert out["bf16"] > clean + 0.5 * (out["fp32"] - clean)
+    assert out["bf16"] == pytest.approx(out["fp32"], rel=5e-2)
+
+
+def test_attack_fp32_crafts_exactly_the_fp32_adversary(cfg, batch, one_thread):
+    model, x, y = batch
+    advs = []
+    for run in (_run(cfg), _run(cfg, precision="bf16", attack_fp32=True)):
+        with training_autocast(run, CPU, attack=True):
+            advs.append(attack_from_config(model, x, y, cfg.attack, generator=torch.Generator().manual_seed(3),
+                                           keep_best=False))
+    assert torch.equal(advs[0], advs[1])
+
+
+def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_path, one_thread):
+    c = load_config("demo", overrides=[*TINY, "run.precision=bf16"])
+    res = train(c, tmp_path / "r", splits=splits, progress=False)
+    assert res.step == 4
+    w = load_file(str(tmp_path / "r/checkpoints/last.safetensors"))
+    assert all(t.dtype in (torch.float32, torch.int64) for t in w.values())
+    ref = train(cfg, tmp_path / "ref", splits=splits, progress=False)
+    # four Adam steps (lr 1e-3, each moving a weight by about lr) from the same initialisation: the bf16
+    # run's weights differ from the fp32 run's by a fraction of one step on average, never by more
+    # than the 4 steps could move them
+    wr = load_file(str(tmp_path / "ref/checkpoints/last.safetensors"))
+    lr = c.optim.lr
+    for k, t in w.items():
+        if k.startswith("model.") and t.is_floating_point():
+            d = (t - wr[k]).abs()
+            assert d.max() < 2 * 4 * lr and d.mean() < 0.5 * lr, (k, d.max(), d.mean())
+    assert 0 <= res.last_val["pgd_acc"] <= 1 and ref.last_val["pgd_acc"] >= 0
+
+
+def test_configs_saved_before_a_new_key_still_match():
+    cfg = load_config("demo")
+    old = cfg.to_dict()
+    del old["run"]["precision"], old["run"]["attack_fp32"]  # as written before the keys existed
+    assert _same_experiment(old, cfg.to_dict())
+    assert not _same_experiment(old, load_config("demo", overrides=["run.precision=bf16"]).to_dict())

@@ -157,3 +157,25 @@ def test_validity_check_refuses_bad_adversaries():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(InvalidAdversary, match="non-finite"):
         check_adversary(x, bad, eps=0.1)
+
+
+def test_unprojected_training_adversary_is_bounded_by_its_start_and_steps():
+    """N-FGSM's training adversary (start_scale=2, project=False) leaves the eps-ball by design, but only
+    as far as its start and step allow, and stays a valid image; the default still projects."""
+    model = Linear()
+    x, y = _data(n=64, lo=0.3, hi=0.7)
+    eps, alpha = 0.1, 0.1
+    g = lambda: torch.Generator().manual_seed(5)
+    xa = pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start_scale=2.0, project=False, generator=g(),
+             keep_best=False)
+    d = (xa - x).abs()
+    assert d.max() > eps + 1e-3 and d.max() <= 2 * eps + alpha + 1e-6
+    assert xa.min() >= 0 and xa.max() <= 1
+    # the same start with projection lands back in the ball
+    xp = pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start_scale=2.0, project=True, generator=g(),
+             keep_best=False)
+    assert (xp - x).abs().max() <= eps + 1e-6
+    # defaults are the ball-start, projected PGD of every earlier result
+    assert torch.equal(pgd(model, x, y, eps=eps, step_size=alpha, steps=3, generator=g()),
+                       pgd(model, x, y, eps=eps, step_size=alpha, steps=3, generator=g(), start_scale=1.0,
+                           project=True))

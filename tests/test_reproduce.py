@@ -30,6 +30,17 @@ def tiny_eval(monkeypatch):
     monkeypatch.setitem(rp.ANALYSIS_N, "smoke", 8)
 
 
+def test_paired_difference_counts_discordant_images_and_gives_mcnemars_exact_p():
+    a = [1, 1, 0, 0, 1]
+    b = [1, 0, 1, 1, 1]  # b alone right on 2 images, a alone on 1
+    d = rp.paired_difference(a, b)
+    assert (d["only_b"], d["only_a"], d["n"]) == (2, 1, 5) and d["diff"] == pytest.approx(20.0)
+    assert d["p_mcnemar"] == pytest.approx(1.0)  # 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8, capped at 1
+    d = rp.paired_difference([0] * 10 + [1] * 90, [1] * 100)
+    assert d["p_mcnemar"] == pytest.approx(2 / 1024) and d["ci95"][0] > 0
+    assert rp.paired_difference([1, 0], [1, 0])["p_mcnemar"] == 1.0
+
+
 def test_targets_name_the_runs_they_need():
     names = lambda t: [r.name for r in rp.plan(t)]
     assert names("table1") == ["mnist-at-seed0", "mnist-at-seed1", "mnist-at-reg-seed0", "mnist-at-reg-seed1"]
@@ -96,6 +107,23 @@ def test_table1_end_to_end_writes_the_readme(table1):
     assert any(r["id"] == "blackbox/pgd-40" for r in s["results"]["mnist-at-reg"]["rows"])
     ev = json.loads((out / "runs/mnist-at-seed0/eval/eval.json").read_text())
     assert ev["source"]["seed"] == 1 and ev["model"]["seed"] == 0
+    # the paper's claims as differences from the baseline, ours with an interval, and the training revision
+    assert "### Differences: methods against the baseline, and two seeds of one method" in text
+    base = next(r for r in s["results"]["mnist-at"]["rows"] if r["id"] == "whitebox/pgd-40")
+    d_ours = next(r for r in s["results"]["mnist-at-reg"]["rows"] if r["id"] == "whitebox/pgd-40")["ours"] - base["ours"]
+    assert f"| White box, PGD 40 steps | AT-reg - Madry et al. (2017) | +2.83 | {d_ours:+.2f} |" in text
+    comp = {(c["row"], c["kind"], c["b"]): c for c in s["comparisons"]}
+    m = comp[("whitebox/pgd-40", "method", "mnist-at-reg")]
+    assert m["diff"] == pytest.approx(d_ours) and m["n"] == 8 and 0 < m["p_mcnemar"] <= 1
+    # the seed-1 copy on the same 8 images (its quick suite has natural and PGD at the preset's steps)
+    seed = comp[("natural", "seed", "mnist-at-seed1")]
+    ctrl = json.loads((out / "runs/mnist-at-seed1/eval/eval.json").read_text())
+    assert ctrl["settings"]["suite"] == "quick" and ctrl["indices"] == ev["indices"]
+    nat0 = next(r for r in s["results"]["mnist-at"]["rows"] if r["id"] == "natural")["ours"]
+    assert seed["ours"] == pytest.approx(100 * next(r["accuracy"] for r in ctrl["rows"] if r["id"] == "natural")
+                                         - nat0)
+    for r in s["runs"]:
+        assert r["revisions"] and f"`{r['revisions'][0][:10]}" in text
     assert json.loads((out / "reproduce.json").read_text())["target"] == "table1"
 
 
@@ -107,7 +135,7 @@ def test_interrupted_run_was_resumed_and_rerun_skips_finished_work(table1, capsy
     before = ev_file.stat().st_mtime_ns
     rp.reproduce("table1", "smoke", out, overrides=TINY_MNIST, quiet=False)
     log = capsys.readouterr().out
-    assert log.count("skipped") == 6, log  # 4 runs + 2 evaluations
+    assert log.count("skipped") == 8, log  # 4 runs + 2 evaluations + 2 seed controls
     assert ev_file.stat().st_mtime_ns == before
     assert len(json.loads((out / "runs/mnist-at-reg-seed1/run.json").read_text())["sessions"]) == 2
 

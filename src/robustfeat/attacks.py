@@ -109,6 +109,8 @@ def pgd(
     generator: torch.Generator | None = None,
     keep_best: bool = True,
     noise: torch.Tensor | None = None,
+    start_scale: float = 1.0,
+    project: bool = True,
 ) -> torch.Tensor:
     """l_inf PGD (Madry et al. 2017): x' <- clip_{x, eps}(x' + step_size * sign(grad_x' loss)).
 
@@ -122,6 +124,8 @@ def pgd(
         noise: the uniform [0, 1) draws of the random starts, (restarts, B, C, H, W); None draws them
             from ``generator`` (``start_noise``). A data-parallel rank passes its rows of the global
             batch's draws, so its starts equal those of a single process on the whole batch.
+        start_scale, project: training-only variants (``TrainAttackConfig``): a random start in
+            +-start_scale * eps, and (project=False) iterates clipped to [0, 1] only, not to the eps-ball.
     Returns:
         x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
     """
@@ -130,7 +134,7 @@ def pgd(
     return pgd_budgets(
         model, x, y, eps=eps, step_size=step_size, budgets=[steps], restarts=restarts,
         random_start=random_start, loss=loss, bn_mode=bn_mode, generator=generator,
-        keep_best=keep_best, noise=noise,
+        keep_best=keep_best, noise=noise, start_scale=start_scale, project=project,
     )[steps]
 
 
@@ -149,6 +153,8 @@ def pgd_budgets(
     generator: torch.Generator | None = None,
     keep_best: bool = True,
     noise: torch.Tensor | None = None,
+    start_scale: float = 1.0,
+    project: bool = True,
 ) -> dict[int, torch.Tensor]:
     """{k: the adversary of ``pgd(..., steps=k)``} for every k in ``budgets``, from one run.
 
@@ -177,7 +183,8 @@ def pgd_budgets(
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(restarts, *x.shape)}")
     with attack_mode(model, bn_mode):
         for r in range(restarts):
-            x_adv = (x + (2.0 * noise[r] - 1.0) * eps).clamp_(0.0, 1.0) if random_start else x.clone()
+            x_adv = ((x + (2.0 * noise[r] - 1.0) * (eps * start_scale)).clamp_(0.0, 1.0) if random_start
+                     else x.clone())
             for t in range(top + 1):
                 grad = None
                 if t < top:
@@ -203,7 +210,8 @@ def pgd_budgets(
                             results[k] = torch.where(_expand(fooled[k], x), results[k], x_adv)
                         fooled[k] |= newly
                 if grad is not None:
-                    x_adv = _project(x_adv + step_size * grad.sign(), x, eps)
+                    x_adv = x_adv + step_size * grad.sign()
+                    x_adv = _project(x_adv, x, eps) if project else x_adv.clamp_(0.0, 1.0)
     return {k: v.detach() for k, v in results.items()}
 
 
@@ -234,4 +242,6 @@ def attack_from_config(
         generator=generator,
         keep_best=keep_best,
         noise=noise,
+        start_scale=getattr(cfg, "start_scale", 1.0),  # training attacks only (TrainAttackConfig)
+        project=getattr(cfg, "project", True),
     )

@@ -184,10 +184,20 @@ class TrainAttackConfig(AttackConfig):
     eps_warmup_examples: int = 0
     """Ramp eps (and the step size with it) linearly from 0 over this many training examples; 0 = off.
     Not in the paper: it lets short CPU budgets escape the chance-level plateau of PGD training."""
+    start_scale: float = 1.0
+    """The random start is uniform in +-start_scale * eps (1 = the eps-ball, as PGD and FGSM-RS)."""
+    project: bool = True
+    """Project every iterate back onto the eps-ball (PGD, FGSM-RS). false: clip to [0, 1] only, so the
+    training adversary may leave the ball, by up to start_scale * eps + steps * step_size. With
+    start_scale=2, steps=1, step_size=eps this is N-FGSM (de Jorge et al. 2022), a single-step
+    adversary that avoids catastrophic overfitting where FGSM-RS does not. Training only: evaluation
+    attacks always stay in the ball."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _int("attack.eps_warmup_examples", self.eps_warmup_examples, 0)
+        _num("attack.start_scale", self.start_scale, 0.0)
+        _bool("attack.project", self.project)
 
 
 @dataclass(frozen=True)

@@ -154,12 +154,30 @@ def run_state(run_dir: Path, cfg) -> tuple[str, int]:
     return ("done" if step >= cfg.optim.steps else "partial"), step
 
 
-def wall_seconds(run_dir: Path) -> float:
+def _sessions(run_dir: Path) -> list[dict]:
     try:
         sessions = json.loads((run_dir / "run.json").read_text()).get("sessions", [])
-        return float(sum(s.get("wall_seconds", 0.0) for s in sessions))
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [x for x in sessions if isinstance(x, dict)] if isinstance(sessions, list) else []
+
+
+def wall_seconds(run_dir: Path) -> float:
+    try:
+        return float(sum(s.get("wall_seconds", 0.0) for s in _sessions(run_dir))) if _sessions(run_dir) \
+            else float("nan")
+    except (TypeError, ValueError):
         return float("nan")
+
+
+def train_revisions(run_dir: Path) -> list[str]:
+    """The git revisions the run's training sessions ran at, in order, without repeats."""
+    out: list[str] = []
+    for x in _sessions(run_dir):
+        r = str(x.get("git_revision", "unknown"))
+        if r not in out:
+            out.append(r)
+    return out
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -199,9 +217,10 @@ def _best_sha(run_dir: Path) -> str:
     return _sha256(checkpoint_path(run_dir, "best"))
 
 
-def evaluate(run_dir: Path, source: Path | None, n: int | None, data_dir, progress: bool, quiet: bool) -> dict:
-    """The paper suite on ``run_dir``'s best checkpoint (black box from ``source``); skipped when
-    eval/eval.json already holds it for the same checkpoints and sample size."""
+def evaluate(run_dir: Path, source: Path | None, n: int | None, data_dir, progress: bool, quiet: bool,
+             suite: str = "paper") -> dict:
+    """``suite`` (the paper's) on ``run_dir``'s best checkpoint (black box from ``source``); skipped
+    when eval/eval.json already holds it for the same checkpoints and sample size."""
     from .eval_run import evaluate_run_suite
 
     f = run_dir / "eval" / "eval.json"
@@ -210,15 +229,15 @@ def evaluate(run_dir: Path, source: Path | None, n: int | None, data_dir, progre
             old = json.loads(f.read_text())
             same = (old["model"]["sha256"] == _best_sha(run_dir)
                     and (old.get("source") or {}).get("sha256") == (_best_sha(source) if source else None)
-                    and old["settings"]["suite"] == "paper" and _same_sample(old, n))
+                    and old["settings"]["suite"] == suite and _same_sample(old, n))
         except (OSError, ValueError, KeyError, TypeError):
             same = False
         if same:
             _log(f"{run_dir.name}: evaluation up to date, skipped", quiet)
             return old
-    _log(f"{run_dir.name}: paper suite on {'all' if n is None else n} test images"
+    _log(f"{run_dir.name}: {suite} suite on {'all' if n is None else n} test images"
          + (f", black box from {source.name}" if source else ""), quiet)
-    res = evaluate_run_suite(run_dir, suite="paper", source=source, n=n, data_dir=data_dir, progress=progress)
+    res = evaluate_run_suite(run_dir, suite=suite, source=source, n=n, data_dir=data_dir, progress=progress)
     return json.loads(f.read_text()) if f.exists() else res
 
 
@@ -360,6 +379,7 @@ def reproduce(
     runs = train_runs(specs, budget, runs_dir, overrides, data_dir, progress, quiet)
 
     evals: dict[str, dict] = {}
+    controls: dict[str, dict] = {}
     if t.evaluate:
         for s in specs:
             if s.role != "evaluated":
@@ -368,12 +388,18 @@ def reproduce(
             src = runs_dir / RunSpec(s.preset, 1, "").name if t.blackbox else None
             n = eval_n(budget, runs[s.name]["cfg"].data.name)
             evals[s.preset] = evaluate(d, src, n, data_dir, progress, quiet)
+            if t.blackbox:
+                # training-seed control: the seed-1 copy on the same test images (quick suite: natural, the
+                # preset's PGD, CW-30), so two seeds of one method can be compared like two methods.
+                # n=None (the whole test set) is passed as a size no test set reaches: quick defaults to 1,000.
+                controls[s.preset] = evaluate(src, None, n if n is not None else 10**9, data_dir, progress,
+                                              quiet, suite="quick")
     analysis = None
     if t.analysis:
         _log(f"analysis {t.analysis}", quiet)
         analysis = run_analysis(t.analysis, runs, budget, out, data_dir, progress)
 
-    summary = _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0)
+    summary = _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0, controls)
     atomic_write_text(out / "reproduce.json", json.dumps(summary, indent=2, default=str) + "\n")
     atomic_write_text(out / "README.md", render_readme(summary))
     _log(f"written {out / 'README.md'}", quiet)
@@ -404,7 +430,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0) -> dict:
+def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0,
+             controls=None) -> dict:
     import torch
 
     from .checkpoint import read_checkpoint
@@ -422,6 +449,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
             "examples": cfg.optim.steps * cfg.optim.batch_size,
             "best_val_pgd": meta["extra"].get("best_val_pgd"), "last_val": meta["extra"].get("val"),
             "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
+            "revisions": train_revisions(d),
         })
     results = {}
     for preset, ev in evals.items():
@@ -442,10 +470,13 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
     cmd = ["robustfeat", "reproduce", target, "--budget", budget, "--out", str(out)]
     if Path(runs_dir) != Path(out) / "runs":
         cmd += ["--runs", str(runs_dir)]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
     for o in overrides:
         cmd += ["--set", o]
     return {
-        "target": target, "title": t.title, "budget": budget, "overrides": overrides,
+        "target": target, "title": t.title, "budget": budget, "overrides": overrides, "data_dir": data_dir,
+        "out": str(out),
         "command": " ".join(cmd),
         "git_revision": git_revision(), "machine": machine_info(dev), "python": platform.python_version(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -453,6 +484,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
         "budget_changes": {p: _config_changes(p, budget, overrides) for p in t.presets},
         "eval_n": {p: ev["n"] for p, ev in evals.items()},
         "runs": run_rows, "results": results, "analysis": analysis,
+        "comparisons": _comparisons(results, evals, controls or {}, runs, out),
     }
 
 
@@ -494,15 +526,20 @@ def render_readme(s: dict) -> str:
         L += [f"- overrides on top of the budget: `{' '.join(s['overrides'])}` (not a paper setting)", ""]
     if s["results"]:
         L += _results_section(s)
+        L += _comparison_section(s)
+    if s.get("out") and (Path(s["out"]) / "NOTES.md").exists():
+        L += ["## Reading", "", "What these numbers mean, beside the paper's claims: [NOTES.md](NOTES.md).", ""]
     if s["analysis"]:
         L += _analysis_section(s["analysis"])
     L += ["## Runs", "",
-          "| run | role | steps | examples | best val PGD | wall time | directory |", "|---|---|---|---|---|---|---|"]
+          "| run | role | steps | examples | best val PGD | wall time | trained at | directory |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in s["runs"]:
         bv = r["best_val_pgd"]
+        revs = ", ".join(f"`{x[:10]}{'-dirty' if x.endswith('-dirty') else ''}`" for x in r.get("revisions", []))
         L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
                  f"{'-' if bv is None or bv < 0 else f'{100 * bv:.1f}%'} | {_hms(r['wall_seconds'])} | "
-                 f"`{r['dir']}` |")
+                 f"{revs or '?'} | `{r['dir']}` |")
     L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
           "the `best` checkpoint is chosen by it and evaluated."), "", "## Budget", ""]
     if s["budget"] == "paper":
@@ -518,17 +555,18 @@ def render_readme(s: dict) -> str:
             f"`{p}` {n:,}" for p, n in s["eval_n"].items())
             + " (a fixed seeded sample when smaller than the test set; 95% Wilson intervals are given)."]
     L += ["", "## Commands", "", "```bash", s["command"]]
+    dd = f" --data-dir {s['data_dir']}" if s.get("data_dir") else ""
     for r in s["runs"]:
         pre, seed = r["preset"], r["seed"]
         sets = "".join(f" --set {o}" for o in s["overrides"])
-        L.append(f"robustfeat train --preset {pre} --budget {s['budget']} --set run.seed={seed}{sets} "
+        L.append(f"robustfeat train --preset {pre} --budget {s['budget']} --set run.seed={seed}{sets}{dd} "
                  f"--out {r['path']}")
     for p, v in s["results"].items():
         run = next(r for r in s["runs"] if r["preset"] == p and r["seed"] == 0)
         src = next((r for r in s["runs"] if r["preset"] == p and r["seed"] == 1), None)
         n = s["eval_n"].get(p)
         L.append(f"robustfeat eval {run['path']} --suite paper" + (f" --source {src['path']}" if src else "")
-                 + (f" --n {n}" if v["subset"] != "full test set" else ""))
+                 + (f" --n {n}" if v["subset"] != "full test set" else "") + dd)
     L += ["```", "", ("Re-running the reproduce command skips finished runs and evaluations and resumes "
           "interrupted runs."), ""]
     return "\n".join(L)
@@ -566,6 +604,101 @@ def _results_section(s: dict) -> list[str]:
             "; ".join(f"**{c['name']} flagged** ({c['detail']})" for c in flagged) if flagged else
             "none flagged (" + ", ".join(f"{c['name']} {c['status']}" for c in v["checks"]) + ")."), ""]
     return L
+
+
+def _per_example(run_dir: Path) -> dict[str, Any] | None:
+    """eval/per_example.safetensors of a run: row id -> robust flags (bool array), plus 'indices'."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    f = run_dir / "eval" / "per_example.safetensors"
+    try:
+        d = load_file(str(f))
+    except (OSError, ValueError, SafetensorError):  # missing or damaged: no paired statistics
+        return None
+    return {k.replace(".", "/", 1) if k != "indices" else k: (v if k == "indices" else v.astype(bool))
+            for k, v in d.items()}
+
+
+def paired_difference(a, b) -> dict[str, float]:
+    """Accuracy of b minus a on the same examples (robust flags a, b): the difference in points, its 95%
+    interval (Wald, paired) and the exact two-sided McNemar p-value of the discordant pairs."""
+    import numpy as np
+
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    n = len(a)
+    only_b, only_a = int((b & ~a).sum()), int((a & ~b).sum())
+    d = (only_b - only_a) / n
+    se = math.sqrt(max(only_b + only_a - (only_b - only_a) ** 2 / n, 0.0)) / n
+    m = only_a + only_b
+    k = min(only_a, only_b)
+    # exact binomial tail of the discordant pairs; lgamma keeps it finite for thousands of pairs
+    tail = sum(math.exp(math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - m * math.log(2))
+               for i in range(k + 1)) if m else 0.5
+    return {"diff": 100 * d, "ci95": [100 * (d - 1.96 * se), 100 * (d + 1.96 * se)], "only_a": only_a,
+            "only_b": only_b, "n": n, "p_mcnemar": min(1.0, 2 * tail)}
+
+
+def _comparisons(results: dict, evals: dict, controls: dict, runs: dict, out: Path) -> list[dict]:
+    """The paper's claims are differences between methods. For each row with published numbers: every
+    method minus the table's first column (ours paired on the same test images, the paper's), and the
+    seed-1 copy minus seed 0 of each method (the training-seed noise the method differences must beat)."""
+    presets = list(results)
+    if len(presets) < 2:
+        return []
+    flags = {p: _per_example(Path(runs[f"{p}-seed0"]["dir"])) for p in presets}
+    ctrl = {p: _per_example(Path(runs[f"{p}-seed1"]["dir"])) for p in controls if f"{p}-seed1" in runs}
+    base = presets[0]
+    rows = []
+
+    def same_images(x, y) -> bool:
+        return x is not None and y is not None and len(x["indices"]) == len(y["indices"]) and bool(
+            (x["indices"] == y["indices"]).all())
+
+    for rb in results[base]["rows"]:
+        if rb["paper"] is None:
+            continue
+        rid = rb["id"]
+        for p in presets[1:]:
+            r = next((x for x in results[p]["rows"] if x["id"] == rid), None)
+            if r is None or r["paper"] is None:
+                continue
+            entry = {"row": rid, "title": rb["title"], "kind": "method", "a": base, "b": p,
+                     "label": f"{results[p]['column']} - {results[base]['column']}",
+                     "paper": r["paper"] - rb["paper"], "ours": r["ours"] - rb["ours"]}
+            if same_images(flags[base], flags[p]) and rid in flags[base] and rid in flags[p]:
+                entry.update(paired_difference(flags[base][rid], flags[p][rid]))
+            rows.append(entry)
+        for p in presets:
+            c = ctrl.get(p)
+            if c is None or not same_images(flags[p], c) or rid not in c or rid not in flags[p]:
+                continue
+            rows.append({"row": rid, "title": rb["title"], "kind": "seed", "a": f"{p}-seed0", "b": f"{p}-seed1",
+                         "label": f"{results[p]['column']}: seed 1 - seed 0", "paper": None,
+                         **paired_difference(flags[p][rid], c[rid]),
+                         "ours": 100 * float(c[rid].mean() - flags[p][rid].mean())})
+    return rows
+
+
+def _comparison_section(s: dict) -> list[str]:
+    rows = s.get("comparisons") or []
+    if not rows:
+        return []
+    L = ["### Differences: methods against the baseline, and two seeds of one method", "",
+         ("The paper's claims are differences between methods. Ours are paired (the same test images): "
+          "95% interval of the difference and the exact McNemar p-value of the images only one model gets "
+          "right. These intervals cover the test sample only; a second training seed of the same method "
+          "(*seed 1 - seed 0* rows, from the black-box copies) shows how far training randomness alone moves "
+          "the number. A method difference is a finding only where it exceeds that."), "",
+         "| row | difference | paper | ours | 95% CI | McNemar p | images won / lost |",
+         "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = f"{r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f}" if "ci95" in r else "-"
+        p = f"{r['p_mcnemar']:.2g}" if "p_mcnemar" in r else "-"
+        wl = f"{r['only_b']} / {r['only_a']}" if "only_b" in r else "-"
+        L.append(f"| {r['title']} | {r['label']} | {_signed(r['paper'])} | {_signed(r['ours'])} | {ci} | {p} | "
+                 f"{wl} |")
+    return [*L, ""]
 
 
 def _analysis_section(a: dict) -> list[str]:

@@ -119,6 +119,8 @@ def test_table1_end_to_end_writes_the_readme(table1):
     seed = comp[("natural", "seed", "mnist-at-seed1")]
     ctrl = json.loads((out / "runs/mnist-at-seed1/eval/eval.json").read_text())
     assert ctrl["settings"]["suite"] == "quick" and ctrl["indices"] == ev["indices"]
+    rep = comp[("natural", "method-seed1", "mnist-at-reg-seed1")]  # the method comparison between the copies
+    assert rep["a"] == "mnist-at-seed1" and rep["n"] == 8 and "(seed-1 copies)" in text
     nat0 = next(r for r in s["results"]["mnist-at"]["rows"] if r["id"] == "natural")["ours"]
     assert seed["ours"] == pytest.approx(100 * next(r["accuracy"] for r in ctrl["rows"] if r["id"] == "natural")
                                          - nat0)

@@ -669,6 +669,13 @@ def _comparisons(results: dict, evals: dict, controls: dict, runs: dict, out: Pa
             if same_images(flags[base], flags[p]) and rid in flags[base] and rid in flags[p]:
                 entry.update(paired_difference(flags[base][rid], flags[p][rid]))
             rows.append(entry)
+            cb, cp = ctrl.get(base), ctrl.get(p)  # the same comparison between the seed-1 copies: a replicate
+            if same_images(cb, cp) and rid in cb and rid in cp:
+                rows.append({"row": rid, "title": rb["title"], "kind": "method-seed1", "a": f"{base}-seed1",
+                             "b": f"{p}-seed1", "label": f"{results[p]['column']} - {results[base]['column']} "
+                             "(seed-1 copies)", "paper": r["paper"] - rb["paper"],
+                             **paired_difference(cb[rid], cp[rid]),
+                             "ours": 100 * float(cp[rid].mean() - cb[rid].mean())})
         for p in presets:
             c = ctrl.get(p)
             if c is None or not same_images(flags[p], c) or rid not in c or rid not in flags[p]:
@@ -687,9 +694,11 @@ def _comparison_section(s: dict) -> list[str]:
     L = ["### Differences: methods against the baseline, and two seeds of one method", "",
          ("The paper's claims are differences between methods. Ours are paired (the same test images): "
           "95% interval of the difference and the exact McNemar p-value of the images only one model gets "
-          "right. These intervals cover the test sample only; a second training seed of the same method "
-          "(*seed 1 - seed 0* rows, from the black-box copies) shows how far training randomness alone moves "
-          "the number. A method difference is a finding only where it exceeds that."), "",
+          "right. These intervals cover the test sample only, not training randomness. For that, the "
+          "black-box copies (seed 1) are evaluated on the same images too: *seed 1 - seed 0* rows show how far "
+          "training randomness alone moves a number, and *(seed-1 copies)* rows repeat the method comparison "
+          "on an independently trained pair. A method difference is a finding only where it exceeds the seed "
+          "differences and holds in both pairs."), "",
          "| row | difference | paper | ours | 95% CI | McNemar p | images won / lost |",
          "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -154,18 +154,19 @@ def run_state(run_dir: Path, cfg) -> tuple[str, int]:
     return ("done" if step >= cfg.optim.steps else "partial"), step
 
 
-def _sessions(run_dir: Path) -> list[dict]:
+def _sessions(run_dir: Path) -> list[dict] | None:
+    """The training sessions recorded in run.json (None: missing or unreadable)."""
     try:
         sessions = json.loads((run_dir / "run.json").read_text()).get("sessions", [])
     except (OSError, ValueError, AttributeError):
-        return []
-    return [x for x in sessions if isinstance(x, dict)] if isinstance(sessions, list) else []
+        return None
+    return [x for x in sessions if isinstance(x, dict)] if isinstance(sessions, list) else None
 
 
 def wall_seconds(run_dir: Path) -> float:
+    sessions = _sessions(run_dir)
     try:
-        return float(sum(s.get("wall_seconds", 0.0) for s in _sessions(run_dir))) if _sessions(run_dir) \
-            else float("nan")
+        return float("nan") if sessions is None else float(sum(s.get("wall_seconds", 0.0) for s in sessions))
     except (TypeError, ValueError):
         return float("nan")
 
@@ -173,7 +174,7 @@ def wall_seconds(run_dir: Path) -> float:
 def train_revisions(run_dir: Path) -> list[str]:
     """The git revisions the run's training sessions ran at, in order, without repeats."""
     out: list[str] = []
-    for x in _sessions(run_dir):
+    for x in _sessions(run_dir) or []:
         r = str(x.get("git_revision", "unknown"))
         if r not in out:
             out.append(r)
@@ -390,10 +391,10 @@ def reproduce(
             evals[s.preset] = evaluate(d, src, n, data_dir, progress, quiet)
             if t.blackbox:
                 # training-seed control: the seed-1 copy on the same test images (quick suite: natural, the
-                # preset's PGD, CW-30), so two seeds of one method can be compared like two methods.
-                # n=None (the whole test set) is passed as a size no test set reaches: quick defaults to 1,000.
-                controls[s.preset] = evaluate(src, None, n if n is not None else 10**9, data_dir, progress,
-                                              quiet, suite="quick")
+                # preset's PGD, CW-30), so two seeds of one method can be compared like two methods. The
+                # size is the seed-0 evaluation's (quick alone would default to a 1,000-image subset).
+                controls[s.preset] = evaluate(src, None, evals[s.preset]["n"], data_dir, progress, quiet,
+                                              suite="quick")
     analysis = None
     if t.analysis:
         _log(f"analysis {t.analysis}", quiet)
@@ -484,7 +485,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
         "budget_changes": {p: _config_changes(p, budget, overrides) for p in t.presets},
         "eval_n": {p: ev["n"] for p, ev in evals.items()},
         "runs": run_rows, "results": results, "analysis": analysis,
-        "comparisons": _comparisons(results, evals, controls or {}, runs, out),
+        "comparisons": _comparisons(results, controls or {}, runs),
     }
 
 
@@ -639,7 +640,7 @@ def paired_difference(a, b) -> dict[str, float]:
             "only_b": only_b, "n": n, "p_mcnemar": min(1.0, 2 * tail)}
 
 
-def _comparisons(results: dict, evals: dict, controls: dict, runs: dict, out: Path) -> list[dict]:
+def _comparisons(results: dict, controls: dict, runs: dict) -> list[dict]:
     """The paper's claims are differences between methods. For each row with published numbers: every
     method minus the table's first column (ours paired on the same test images, the paper's), and the
     seed-1 copy minus seed 0 of each method (the training-seed noise the method differences must beat)."""

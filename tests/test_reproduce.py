@@ -169,4 +169,8 @@ def test_table4_and_figures_share_runs(tmp_path):
         assert all(r["state_before"] == "done" for r in s["runs"])  # trained once, by table4
         assert (tmp_path / target / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"figures/{png}" in (tmp_path / target / "README.md").read_text()
-    assert "Spearman" in (tmp_path / "figure2/README.md").read_text()
+    text = (tmp_path / "figure2/README.md").read_text()
+    assert "Spearman" in text and "untrained control" in text
+    split = json.loads((tmp_path / "figure2/reproduce.json").read_text())["analysis"]["splits"]["test"]
+    assert -1 <= split["control_spearman"] <= 1 and len(split["control_mean_by_rank"]) == len(split["mean_by_rank"])
+    assert split["control_mean_by_rank"] != split["mean_by_rank"]  # a different (untrained) model

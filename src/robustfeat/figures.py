@@ -55,10 +55,13 @@ def _blank(ax) -> None:
 
 
 def plot_attention_robustness(
-    panels: dict[str, RankAverage], path: str | os.PathLike, *, title: str = ""
+    panels: dict[str, RankAverage], path: str | os.PathLike, *, title: str = "",
+    controls: dict[str, RankAverage] | None = None,
 ) -> Path:
     """One panel per split (e.g. {"Training set": ..., "Test set": ...}): mean attention weight at each
-    robustness rank, with a 95% band (1.96 standard errors over images) and the uniform 1/N line."""
+    robustness rank, with a 95% band (1.96 standard errors over images) and the uniform 1/N line.
+    ``controls`` (same keys): the same curve for an untrained model of the architecture, drawn grey, so
+    a slope the architecture produces by itself is not read as something training taught."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, (name, r) in zip(axes[0], panels.items(), strict=True):
         ranks = np.arange(len(r.mean))
@@ -66,6 +69,10 @@ def plot_attention_robustness(
                         linewidth=0, label="95% band (1.96 s.e. over images)")
         ax.plot(ranks, r.mean, "o-", color="C0", markersize=3, linewidth=1.2,
                 label=f"mean attention weight (Spearman $\\rho$ = {r.spearman:+.2f})")
+        c = (controls or {}).get(name)
+        if c is not None:
+            ax.plot(np.arange(len(c.mean)), c.mean, "s--", color="0.45", markersize=2.5, linewidth=1,
+                    label=f"untrained control (Spearman $\\rho$ = {c.spearman:+.2f})")
         ax.axhline(1.0 / len(r.mean), color="0.4", linestyle="--", linewidth=1,
                    label=f"uniform weight 1/{len(r.mean)}")
         ax.set_title(f"{name} ({r.n:,} images)")

@@ -268,7 +268,7 @@ def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progre
         subset,
     )
     from .api import load_run
-    from .build import build_splits
+    from .build import build_model, build_splits
     from .evaluate import accuracy, to_float_images
     from .figures import plot_attention_maps, plot_attention_robustness, plot_gradient_maps
     from .train import derived_seed
@@ -286,17 +286,28 @@ def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progre
     if kind == "attention-robustness":
         name, (model, cfg, _meta) = next(iter(loaded.items()))
         attack = dataclasses.replace(cfg.attack, bn_mode="eval")
-        panels, res["splits"] = {}, {}
+        # the control: an untrained model of the same architecture, through the same measurement
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(ANALYSIS_SEED, 2))
+            untrained = build_model(cfg.model, splits.dataset.num_classes, splits.dataset.image_shape[0]).to(dev)
+        panels, controls, res["splits"] = {}, {}, {}
         for k, (split, x, y) in enumerate((("train", splits.x_train, splits.y_train),
                                           ("test", splits.x_test, splits.y_test))):
             xs, ys = subset(x, y, n, derived_seed(ANALYSIS_SEED, k))
-            gen = torch.Generator(device=dev).manual_seed(derived_seed(ANALYSIS_SEED + 1, k))
-            r = attention_vs_robustness(model, xs, ys, attack, device=dev, generator=gen, progress=progress)
-            panels[f"{'Training' if split == 'train' else 'Test'} set"] = r
+            panel = f"{'Training' if split == 'train' else 'Test'} set"
+            out_r = {}
+            for key, m in (("trained", model), ("control", untrained)):
+                gen = torch.Generator(device=dev).manual_seed(derived_seed(ANALYSIS_SEED + 1, k))
+                out_r[key] = attention_vs_robustness(m, xs, ys, attack, device=dev, generator=gen,
+                                                     progress=progress)
+            r, c = out_r["trained"], out_r["control"]
+            panels[panel], controls[panel] = r, c
             res["splits"][split] = {"n": r.n, "spearman_rank_vs_weight": r.spearman,
                                     "weight_rank0": float(r.mean[0]), "weight_last_rank": float(r.mean[-1]),
-                                    "uniform_weight": 1.0 / len(r.mean), "mean_by_rank": r.mean.tolist()}
-        plot_attention_robustness(panels, figs / "figure2_attention_robustness.png",
+                                    "uniform_weight": 1.0 / len(r.mean), "mean_by_rank": r.mean.tolist(),
+                                    "control_spearman": c.spearman, "control_weight_rank0": float(c.mean[0]),
+                                    "control_mean_by_rank": c.mean.tolist()}
+        plot_attention_robustness(panels, figs / "figure2_attention_robustness.png", controls=controls,
                                   title=f"Attention weight vs. feature robustness: {name}")
         res["figures"].append("figures/figure2_attention_robustness.png")
     elif kind == "attention-maps":
@@ -717,12 +728,17 @@ def _analysis_section(a: dict) -> list[str]:
     if a["kind"] == "attention-robustness":
         L.append(f"Mean clean-image attention weight at each robustness rank (rank 0 = the local feature whose "
                  f"clean and adversarial values are closest), {'all' if n is None else f'{n:,}'} images per split. "
-                 "The paper's claim: weights fall with the rank (negative Spearman correlation).")
-        L += ["", "| split | images | Spearman(rank, weight) | weight at rank 0 | at the last rank | uniform |",
-              "|---|---|---|---|---|---|"]
+                 "The paper's claim: weights fall with the rank (negative Spearman correlation). The control "
+                 "is an untrained model of the same architecture measured the same way: a slope it shares "
+                 "comes from the architecture, not from training.")
+        L += ["", ("| split | images | Spearman(rank, weight) | weight at rank 0 | at the last rank | uniform | "
+                   "untrained control: Spearman | control weight at rank 0 |"),
+              "|---|---|---|---|---|---|---|---|"]
         for sp, r in a["splits"].items():
+            ctrl = (f"{r['control_spearman']:+.3f} | {r['control_weight_rank0']:.4f}" if "control_spearman" in r
+                    else "- | -")
             L.append(f"| {sp} | {r['n']:,} | {r['spearman_rank_vs_weight']:+.3f} | {r['weight_rank0']:.4f} | "
-                     f"{r['weight_last_rank']:.4f} | {r['uniform_weight']:.4f} |")
+                     f"{r['weight_last_rank']:.4f} | {r['uniform_weight']:.4f} | {ctrl} |")
     elif a["kind"] == "gradient-classification":
         c = a["classifier"]
         L.append(f"Classifier `{c['run']}`: clean accuracy {100 * c['clean_test_acc']:.2f}% on the test images used "

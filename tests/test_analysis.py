@@ -294,6 +294,10 @@ def test_cli_attention_analyses(att_run, capsys):
     assert sum(float(r["test_mean_weight"]) for r in rows) == pytest.approx(1.0, abs=1e-5)
     summary = json.loads((a / "attention_robustness.json").read_text())
     assert summary["splits"]["train"]["n"] == 6 and summary["attack"]["bn_mode"] == "eval"
+    # the untrained control went through the same measurement: its own curve, a distribution over ranks
+    ctrl = summary["splits"]["test"]["control_mean_by_rank"]
+    assert len(ctrl) == 64 and sum(ctrl) == pytest.approx(1.0, abs=1e-5) and "untrained model" in printed
+    assert -1 <= summary["splits"]["test"]["control_spearman"] <= 1
     assert main(["analyze", "attention-maps", run, "--n", "4", "--quiet"]) == 0
     assert _is_png(a / "attention_maps.png")
 

@@ -198,6 +198,17 @@ def attention_vs_robustness(
     return acc.result(grid)
 
 
+def untrained_control(cfg, num_classes: int, in_channels: int, device: torch.device | str, seed: int) -> nn.Module:
+    """Figure 2's control: a freshly initialised model of the run's architecture (seeded, without
+    touching the global RNG). A rank-weight slope it shows too comes from the architecture, not from
+    training."""
+    from .build import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(cfg.model, num_classes, in_channels).to(device)
+
+
 def rankdata(a: np.ndarray) -> np.ndarray:
     """Ranks 0..n-1 of a 1-D array, ties given their average rank."""
     a = np.asarray(a, dtype=np.float64).ravel()

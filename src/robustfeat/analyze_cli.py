@@ -144,7 +144,7 @@ def cmd_attention_robustness(args) -> int:
 
     import torch
 
-    from .analysis import attention_vs_robustness, subset
+    from .analysis import attention_vs_robustness, subset, untrained_control
     from .checkpoint import atomic_write_text
     from .figures import plot_attention_robustness
     from .seeding import derived_seed
@@ -153,19 +153,23 @@ def cmd_attention_robustness(args) -> int:
     names = [s.strip() for s in args.splits.split(",") if s.strip()]
     splits = _splits(cfg, args)
     attack = dataclasses.replace(cfg.attack, bn_mode="eval")
-    results = {}
+    untrained = untrained_control(cfg, splits.dataset.num_classes, splits.dataset.image_shape[0], dev,
+                                  derived_seed(ATTENTION_ROBUSTNESS_SEED, 99))
+    results, controls = {}, {}
     for k, name in enumerate(names):
         x, y = _split_data(splits, name)
         x, y = subset(x, y, args.n, derived_seed(SUBSET_SEED, k))
-        gen = torch.Generator(device=dev).manual_seed(derived_seed(ATTENTION_ROBUSTNESS_SEED, k))
-        results[name] = attention_vs_robustness(model, x, y, attack, batch_size=args.batch_size, device=dev,
-                                                generator=gen, progress=not args.quiet,
-                                                desc=f"Figure 2, {name} ({len(y):,} images)")
+        for dest, m, what in ((results, model, ""), (controls, untrained, ", untrained control")):
+            gen = torch.Generator(device=dev).manual_seed(derived_seed(ATTENTION_ROBUSTNESS_SEED, k))
+            dest[name] = attention_vs_robustness(m, x, y, attack, batch_size=args.batch_size, device=dev,
+                                                 generator=gen, progress=not args.quiet,
+                                                 desc=f"Figure 2, {name} ({len(y):,} images{what})")
     out = _out_dir(args.run_dir, args)
     title = (f"Attention weight vs. feature robustness: {cfg.name} (step {meta['step']:,}); "
              f"adversary PGD-{attack.steps}, eps={attack.eps:.4g}")
     png = plot_attention_robustness({SPLIT_TITLES[n]: r for n, r in results.items()},
-                                    out / "attention_robustness.png", title=title)
+                                    out / "attention_robustness.png", title=title,
+                                    controls={SPLIT_TITLES[n]: c for n, c in controls.items()})
     lines = ["rank," + ",".join(f"{n}_mean_weight,{n}_std_weight" for n in names)]
     length = len(next(iter(results.values())).mean)
     for r in range(length):
@@ -177,13 +181,15 @@ def cmd_attention_robustness(args) -> int:
         "robustness": "L2 distance between clean and adversarial local features of the last residual block",
         "splits": {n: {"n": r.n, "grid": list(r.grid), "spearman_rank_vs_weight": r.spearman,
                        "weight_rank0": float(r.mean[0]), "weight_last_rank": float(r.mean[-1]),
-                       "uniform_weight": 1.0 / length} for n, r in results.items()},
+                       "uniform_weight": 1.0 / length, "control_spearman": controls[n].spearman,
+                       "control_mean_by_rank": controls[n].mean.tolist()} for n, r in results.items()},
     }
     _write_json(out / "attention_robustness.json", summary)
     for n, r in results.items():
         print(f"{SPLIT_TITLES[n]} ({r.n:,} images): Spearman rank correlation between robustness rank and "
               f"attention weight = {r.spearman:+.3f} (negative: more weight on more robust features); "
-              f"mean weight at rank 0 {r.mean[0]:.4f}, at rank {length - 1} {r.mean[-1]:.4f}, uniform {1 / length:.4f}")
+              f"mean weight at rank 0 {r.mean[0]:.4f}, at rank {length - 1} {r.mean[-1]:.4f}, uniform {1 / length:.4f}; "
+              f"an untrained model of the same architecture: Spearman {controls[n].spearman:+.3f}")
     print(f"written: {png}, {out / 'attention_robustness.csv'}, {out / 'attention_robustness.json'}")
     return 0
 

@@ -266,9 +266,10 @@ def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progre
         pick_examples,
         prepare_maps,
         subset,
+        untrained_control,
     )
     from .api import load_run
-    from .build import build_model, build_splits
+    from .build import build_splits
     from .evaluate import accuracy, to_float_images
     from .figures import plot_attention_maps, plot_attention_robustness, plot_gradient_maps
     from .train import derived_seed
@@ -286,10 +287,8 @@ def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progre
     if kind == "attention-robustness":
         name, (model, cfg, _meta) = next(iter(loaded.items()))
         attack = dataclasses.replace(cfg.attack, bn_mode="eval")
-        # the control: an untrained model of the same architecture, through the same measurement
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(ANALYSIS_SEED, 2))
-            untrained = build_model(cfg.model, splits.dataset.num_classes, splits.dataset.image_shape[0]).to(dev)
+        untrained = untrained_control(cfg, splits.dataset.num_classes, splits.dataset.image_shape[0], dev,
+                                      derived_seed(ANALYSIS_SEED, 2))
         panels, controls, res["splits"] = {}, {}, {}
         for k, (split, x, y) in enumerate((("train", splits.x_train, splits.y_train),
                                           ("test", splits.x_test, splits.y_test))):

@@ -198,7 +198,8 @@ def attention_vs_robustness(
     return acc.result(grid)
 
 
-def untrained_control(cfg, num_classes: int, in_channels: int, device: torch.device | str, seed: int) -> nn.Module:
+def untrained_control(cfg, num_classes: int, in_channels: int, device: torch.device | str,
+                      seed: int) -> nn.Module:
     """Figure 2's control: a freshly initialised model of the run's architecture (seeded, without
     touching the global RNG). A rank-weight slope it shows too comes from the architecture, not from
     training."""

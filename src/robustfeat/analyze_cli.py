@@ -188,7 +188,8 @@ def cmd_attention_robustness(args) -> int:
     for n, r in results.items():
         print(f"{SPLIT_TITLES[n]} ({r.n:,} images): Spearman rank correlation between robustness rank and "
               f"attention weight = {r.spearman:+.3f} (negative: more weight on more robust features); "
-              f"mean weight at rank 0 {r.mean[0]:.4f}, at rank {length - 1} {r.mean[-1]:.4f}, uniform {1 / length:.4f}; "
+              f"mean weight at rank 0 {r.mean[0]:.4f}, at rank {length - 1} {r.mean[-1]:.4f}, "
+              f"uniform {1 / length:.4f}; "
               f"an untrained model of the same architecture: Spearman {controls[n].spearman:+.3f}")
     print(f"written: {png}, {out / 'attention_robustness.csv'}, {out / 'attention_robustness.json'}")
     return 0

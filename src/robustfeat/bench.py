@@ -22,7 +22,8 @@ Optional variants isolate single choices: ``ours-nchw`` (channels_last off), ``o
 per-step ``isfinite`` host sync), ``ours-bf16`` (``run.precision=bf16``: attack and update under bf16
 autocast) and ``ours-bf16-attack32`` (bf16 update, fp32 attack: ``run.attack_fp32=true``). With a bf16
 variant the bf16 matrix-multiply rate is measured too, and the bf16 rows also report their fraction
-of it (on CPUs with AMX it is several times the fp32 rate). ``--profile`` adds the operator profile of one step of the first case.
+of it (on CPUs with AMX it is several times the fp32 rate). ``--profile`` adds the operator profile of
+one step of the first case.
 
 Data are synthetic uint8 images of the dataset's shape (speed does not depend on pixel values, and
 no download is needed). Results: ``--json`` prints JSON; ``--out results/bench`` writes

@@ -1,5 +1,7 @@
 """Presets, overrides and validation."""
 
+import itertools
+
 import pytest
 
 from robustfeat.config import ConfigError, config_from_dict, list_presets, load_config, preset_budgets
@@ -53,6 +55,9 @@ def test_overrides_and_fractions():
         (["method.name=at-regg"], r"did you mean 'at-reg'"),
         (["model.name=resnet_att"], r"has an attention module"),
         (["attack.loss=xent"], r"attack.loss='xent' is invalid: expected one of ce, cw"),
+        (["optim.schedule=cosine"], r"optim.schedule='cosine' is invalid: expected one of step, cyclic"),
+        (["optim.schedule=cyclic", "optim.peak=1"], r"optim.peak=1 is invalid: expected a fraction"),
+        (["optim.schedule=cyclic"], r"optim.milestones=\[40000, 60000\] is invalid: expected \[\] with"),
     ],
 )
 def test_bad_values_name_the_key_and_what_was_expected(overrides, match):
@@ -75,3 +80,18 @@ def test_attention_method_needs_attention_model():
 def test_resolved_config_round_trips():
     c = load_config("cifar10-at-att-reg", "cpu")
     assert config_from_dict(c.to_dict()) == c
+
+
+def test_cyclic_learning_rate_is_one_triangle():
+    from robustfeat.train import learning_rate
+
+    cfg = load_config("mnist-at", overrides=["optim.schedule=cyclic", "optim.lr=0.005", "optim.steps=100",
+                                             "optim.peak=0.4"])
+    lrs = [learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.005 / 40)          # the first update is not a zero step
+    assert max(lrs) == pytest.approx(0.005) and lrs.index(max(lrs)) == 39
+    assert all(a < b for a, b in itertools.pairwise(lrs[:40]))      # rising to the peak ...
+    assert all(a > b for a, b in itertools.pairwise(lrs[39:]))     # ... then falling ...
+    assert lrs[-1] == 0.0 and lrs[69] == pytest.approx(0.0025)  # ... linearly, to 0 at the end
+    step = load_config("cifar10-at")                     # the paper's step schedule is unchanged
+    assert [learning_rate(step, s) for s in (0, 39999, 40000, 60000)] == pytest.approx([0.1, 0.1, 0.01, 0.001])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustfeat.methods import METHODS, feature_distance, method_loss
+from robustfeat.methods import METHODS, feature_distance, grad_align_penalty, method_loss
 from robustfeat.models.base import RobustModel
 
 
@@ -78,3 +78,50 @@ def test_paper_lambdas():
     assert METHODS.get("at-att-reg").default_lam("cifar100") == 0.01
     assert METHODS.get("at").default_lam("cifar10") == 0.0
     assert METHODS.get("at-att").attention and not METHODS.get("at-reg").attention
+
+
+def _input_grad_by_hand(m, x, y):
+    """Tiny is linear: d CE / d x = (H F)^T (softmax(logits) - onehot(y)), per example."""
+    w = m.h.weight @ m.f.weight
+    p = F.softmax(m(x), 1)
+    return (p - F.one_hot(y, 3).float()) @ w
+
+
+def test_grad_align_equals_hand_computation():
+    m = Tiny()
+    x = torch.tensor([[0.2, 0.5, 0.9, 0.1], [0.6, 0.3, 0.0, 0.7]])
+    y = torch.tensor([1, 2])
+    eta = torch.tensor([[0.1, -0.2, 0.1, 0.2], [-0.1, 0.3, 0.2, -0.3]])
+    g1 = _input_grad_by_hand(m, x, y) / 2  # CE is averaged over the batch of 2
+    g2 = _input_grad_by_hand(m, (x + eta).clamp(0, 1), y) / 2
+    expected = (1 - F.cosine_similarity(g1, g2, dim=1)).mean()
+    got = grad_align_penalty(m, x, y, eta)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5) and 0 < got.item() < 2
+    assert grad_align_penalty(m, x, y, torch.zeros_like(x)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grad_align_gradient_in_the_weights_is_the_true_one():
+    """The double backward through g(x + eta) agrees with finite differences of the hand formula (float64),
+    with g(x) held at its value (the authors' formulation: only g(x + eta) carries gradient)."""
+    m = Tiny().double()
+    x = torch.tensor([[0.2, 0.5, 0.9, 0.1], [0.6, 0.3, 0.0, 0.7]], dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    eta = torch.tensor([[0.1, -0.2, 0.1, 0.2], [-0.1, 0.3, 0.2, -0.3]], dtype=torch.float64)
+    w0 = m.h.weight.detach().clone()
+    with torch.no_grad():
+        g_clean = _input_grad_by_hand(m, x, y)
+
+    def by_hand(w):
+        with torch.no_grad():
+            m.h.weight.copy_(w)
+            g_near = _input_grad_by_hand(m, (x + eta).clamp(0, 1), y)
+            return (1 - F.cosine_similarity(g_clean, g_near, dim=1)).mean().item()
+
+    by_hand(w0)
+    grad = torch.autograd.grad(grad_align_penalty(m, x, y, eta), m.h.weight)[0]
+    assert grad.abs().sum() > 0
+    for i, j in [(0, 0), (1, 1), (2, 0)]:
+        d = torch.zeros_like(w0)
+        d[i, j] = 1e-6
+        numeric = (by_hand(w0 + d) - by_hand(w0 - d)) / 2e-6
+        assert grad[i, j].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9)

@@ -89,3 +89,23 @@ def test_cli_train_eval_and_load_model(tmp_path, capsys):
     assert model(x).shape == (3, 10)
     assert main(["presets"]) == 0
     assert "cifar10-at-att-reg" in capsys.readouterr().out
+
+
+def test_single_step_training_with_grad_align_and_a_cyclic_lr(cfg, splits, tmp_path):
+    from dataclasses import replace
+
+    from robustfeat.config import load_config
+
+    fast = load_config("demo", overrides=TINY + ["attack.steps=1", "attack.step_size=0.375",
+                                                 "method.grad_align=0.5", "optim.schedule=cyclic",
+                                                 "optim.milestones=[]"])
+    res = train(fast, tmp_path / "run", splits=splits, progress=False)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert res.step == 6 and all(0 < r["grad_align"] < 2 for r in train_recs)
+    assert [r["lr"] for r in train_recs] == pytest.approx([fast.optim.lr * f for f in (2 / 2.4, 2 / 3.6, 0.0)])
+    # the penalty changes the update: the same run without it ends with other weights
+    plain = replace(fast, method=replace(fast.method, grad_align=0.0))
+    train(plain, tmp_path / "plain", splits=splits, progress=False)
+    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

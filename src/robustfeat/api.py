@@ -113,4 +113,6 @@ def describe_config(cfg: Config) -> str:
         f"training attack PGD-{a.steps} ({a.loss}), eps={a.eps:.4g}, step={a.step_size:.4g}{warm}; "
         f"{o.name} lr={o.lr:g}, batch {o.batch_size}, {o.steps:,} steps = {o.steps * o.batch_size:,} examples"
         + (f", lr x{o.gamma:g} at steps {list(o.milestones)}" if o.milestones else "")
+        + (f", cyclic lr peaking at {o.peak:.0%} of the run" if o.schedule == "cyclic" else "")
+        + (f"; GradAlign weight {cfg.method.grad_align:g}" if cfg.method.grad_align else "")
     )

@@ -206,6 +206,10 @@ class MethodConfig:
     """natural, at, at-reg, at-att or at-att-reg (robustfeat.methods)."""
     lam: float | None = None
     """Weight of the L2 feature regularizer (eq. 7); None = the paper's value for the method."""
+    grad_align: float = 0.0
+    """Beyond the paper, for single-step training: weight of GradAlign (Andriushchenko & Flammarion 2020),
+    grad_align * mean(1 - cos(grad_x CE(x), grad_x CE(x + eta))) with eta uniform in the eps-ball. It
+    keeps the loss locally linear, which FGSM adversaries assume, and costs a double backward. 0 = off."""
 
     def __post_init__(self) -> None:
         from .methods import METHODS
@@ -213,6 +217,9 @@ class MethodConfig:
         _choice("method.name", self.name, METHODS.names())
         if self.lam is not None:
             _num("method.lam", self.lam, 0.0)
+        _num("method.grad_align", self.grad_align, 0.0)
+        if self.grad_align > 0 and not METHODS.get(self.name).adversarial:
+            _fail("method.grad_align", self.grad_align, f"0 for method {self.name!r} (it has no adversary)")
 
 
 @dataclass(frozen=True)
@@ -229,9 +236,18 @@ class OptimConfig:
     milestones: tuple[int, ...] = ()
     """Steps at which the learning rate is multiplied by `gamma`."""
     gamma: float = 0.1
+    schedule: str = "step"
+    """step: lr * gamma^(milestones passed), the paper's schedules. cyclic: one triangle, linear from 0 up
+    to `lr` at `peak` of the run and back down to 0 at the end (the schedule Wong et al. 2020 use for
+    fast single-step training)."""
+    peak: float = 0.4
+    """cyclic only: where the learning rate peaks, as a fraction of `steps`."""
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adam"))
+        _choice("optim.schedule", self.schedule, ("step", "cyclic"))
+        if not isinstance(self.peak, (int, float)) or isinstance(self.peak, bool) or not 0 < self.peak < 1:
+            _fail("optim.peak", self.peak, "a fraction strictly between 0 and 1")
         _num("optim.lr", self.lr, 0.0, strict=True)
         _num("optim.momentum", self.momentum, 0.0)
         _num("optim.weight_decay", self.weight_decay, 0.0)
@@ -244,6 +260,8 @@ class OptimConfig:
         if list(self.milestones) != sorted(self.milestones):
             _fail("optim.milestones", self.milestones, "increasing step numbers")
         object.__setattr__(self, "milestones", tuple(self.milestones))
+        if self.schedule == "cyclic" and self.milestones:
+            _fail("optim.milestones", list(self.milestones), "[] with optim.schedule=cyclic (its lr is one triangle)")
         _num("optim.gamma", self.gamma, 0.0, strict=True)
 
 

@@ -88,3 +88,24 @@ def method_loss(
         loss = ce
     parts["loss"] = loss.detach()
     return loss, parts
+
+
+def grad_align_penalty(model: RobustModel, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """GradAlign (Andriushchenko & Flammarion 2020): mean over the batch of 1 - cos(g(x), g(x + eta)).
+
+    g is the input gradient of the cross-entropy; eta is a random point of the eps-ball, drawn by the
+    caller (uniform, so that runs split over processes draw the same numbers as one process).
+    The penalty is differentiable in the weights through g(x + eta) (a double backward); g(x) is held
+    fixed, as in the authors' formulation. Catastrophic overfitting of single-step training comes with
+    these two gradients drifting apart; keeping them aligned keeps the FGSM step a good adversary.
+    """
+    def wide(t: torch.Tensor) -> torch.Tensor:  # bf16 (autocast) -> fp32; fp32 and fp64 stay as they are
+        return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+    x_clean = x.detach().requires_grad_(True)
+    (g_clean,) = torch.autograd.grad(F.cross_entropy(wide(model(x_clean)), y), x_clean)
+    x_near = (x.detach() + eta).clamp_(0.0, 1.0).requires_grad_(True)
+    (g_near,) = torch.autograd.grad(F.cross_entropy(wide(model(x_near)), y), x_near, create_graph=True)
+    cos = F.cosine_similarity(wide(g_clean).reshape(len(x), -1), wide(g_near).reshape(len(x), -1), dim=1,
+                              eps=1e-12)
+    return (1.0 - cos).mean()

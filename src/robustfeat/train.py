@@ -42,7 +42,7 @@ from .checkpoint import (
 from .config import Config
 from .data import DeviceLoader
 from .evaluate import accuracy
-from .methods import METHODS, method_loss
+from .methods import METHODS, grad_align_penalty, method_loss
 from .seeding import derived_seed
 
 LAST = "checkpoints/last.safetensors"
@@ -62,7 +62,16 @@ EVAL_STREAM = 2
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    """Step schedule: lr * gamma^(number of milestones passed)."""
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    step: lr * gamma^(number of milestones passed). cyclic: a triangle over the run, evaluated at the end
+    of the step (``step + 1``) so that the first update is not a zero step: rising linearly from 0 to lr
+    at ``peak * steps``, falling linearly to 0 at ``steps``.
+    """
+    o = cfg.optim
+    if o.schedule == "cyclic":
+        t, top = (step + 1) / o.steps, o.peak
+        return o.lr * (t / top if t <= top else max(0.0, (1.0 - t) / (1.0 - top)))
     passed = sum(1 for m in cfg.optim.milestones if step >= m)
     return cfg.optim.lr * cfg.optim.gamma**passed
 
@@ -430,6 +439,7 @@ def train(
                 if dctx.active and cfg.attack.random_start:  # [distributed] the global batch's starts
                     noise = start_noise(x.shape, cfg.attack.restarts, generator=gen, device=device)
                     noise = dctx.shard(noise, dim=1)
+            batch_shape = x.shape
             x, y = dctx.shard(x), dctx.shard(y)  # [distributed] this rank's rows of the global batch
             if spec.adversarial:
                 with training_autocast(cfg.run, device, attack=True):
@@ -438,6 +448,11 @@ def train(
             model.train()
             with training_autocast(cfg.run, device):
                 loss, parts = method_loss(model, x, x_adv, y, lam)
+                if cfg.method.grad_align > 0:  # beyond the paper: keeps single-step adversaries strong
+                    eta = torch.empty(batch_shape, device=device).uniform_(-eps, eps, generator=gen)
+                    ga = grad_align_penalty(model, x, y, dctx.shard(eta))  # [distributed] this rank's rows
+                    parts["grad_align"] = ga.detach()
+                    loss = loss + cfg.method.grad_align * ga
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # [distributed] gradients (and the loss) averaged over ranks; the loss itself in one process

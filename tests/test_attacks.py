@@ -179,3 +179,34 @@ def test_unprojected_training_adversary_is_bounded_by_its_start_and_steps():
     assert torch.equal(pgd(model, x, y, eps=eps, step_size=alpha, steps=3, generator=g()),
                        pgd(model, x, y, eps=eps, step_size=alpha, steps=3, generator=g(), start_scale=1.0,
                            project=True))
+
+
+def _fgsm_rs_by_hand(model, x, y, u, eps, alpha, clip_start):
+    start = x + (2 * u - 1) * eps
+    if clip_start:
+        start = start.clamp(0, 1)
+    start.requires_grad_(True)
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(start), y, reduction="sum"), start)
+    step = start.detach() + alpha * g.sign()
+    return torch.minimum(torch.maximum(step, x - eps), x + eps).clamp(0, 1)
+
+
+def test_unclipped_start_takes_the_first_gradient_outside_the_image_range():
+    """clip_start=False (Wong et al.'s FGSM-RS code): the gradient is taken at x + noise before clipping;
+    the adversary is still a valid image in the ball. The default clips the start first."""
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn", num_classes=2, in_channels=1).eval()
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(8, 1, 28, 28, generator=g) > 0.7).float()  # MNIST-like: every pixel 0 or 1
+    y = torch.randint(0, 2, (8,), generator=g)
+    u = torch.rand(1, *x.shape, generator=g)
+    eps, alpha = 0.3, 0.375
+    for clip in (True, False):
+        xa = pgd(model, x, y, eps=eps, step_size=alpha, steps=1, noise=u, keep_best=False, clip_start=clip)
+        assert torch.allclose(xa, _fgsm_rs_by_hand(model, x, y, u[0], eps, alpha, clip), atol=1e-6)
+        assert (xa - x).abs().max() <= eps + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    unclipped = pgd(model, x, y, eps=eps, step_size=alpha, steps=1, noise=u, keep_best=False, clip_start=False)
+    assert not torch.equal(unclipped, pgd(model, x, y, eps=eps, step_size=alpha, steps=1, noise=u,
+                                          keep_best=False))
+    with pytest.raises(ValueError, match="training adversaries only"):  # never returned as an adversary
+        pgd(model, x, y, eps=eps, step_size=alpha, steps=1, noise=u, clip_start=False)

@@ -55,6 +55,7 @@ def test_overrides_and_fractions():
         (["method.name=at-regg"], r"did you mean 'at-reg'"),
         (["model.name=resnet_att"], r"has an attention module"),
         (["attack.loss=xent"], r"attack.loss='xent' is invalid: expected one of ce, cw"),
+        (["attack.clip_start=false", "attack.restarts=2"], r"attack.clip_start=False is invalid: expected true unless"),
         (["optim.schedule=cosine"], r"optim.schedule='cosine' is invalid: expected one of step, cyclic"),
         (["optim.schedule=cyclic", "optim.peak=1"], r"optim.peak=1 is invalid: expected a fraction"),
         (["optim.schedule=cyclic"], r"optim.milestones=\[40000, 60000\] is invalid: expected \[\] with"),

@@ -111,6 +111,7 @@ def pgd(
     noise: torch.Tensor | None = None,
     start_scale: float = 1.0,
     project: bool = True,
+    clip_start: bool = True,
 ) -> torch.Tensor:
     """l_inf PGD (Madry et al. 2017): x' <- clip_{x, eps}(x' + step_size * sign(grad_x' loss)).
 
@@ -124,8 +125,10 @@ def pgd(
         noise: the uniform [0, 1) draws of the random starts, (restarts, B, C, H, W); None draws them
             from ``generator`` (``start_noise``). A data-parallel rank passes its rows of the global
             batch's draws, so its starts equal those of a single process on the whole batch.
-        start_scale, project: training-only variants (``TrainAttackConfig``): a random start in
-            +-start_scale * eps, and (project=False) iterates clipped to [0, 1] only, not to the eps-ball.
+        start_scale, project, clip_start: training-only variants (``TrainAttackConfig``): a random start
+            in +-start_scale * eps; (project=False) iterates clipped to [0, 1] only, not to the eps-ball;
+            (clip_start=False) the first gradient taken at the random start before it is clipped to
+            [0, 1]. Every returned iterate is clipped either way.
     Returns:
         x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
     """
@@ -134,7 +137,7 @@ def pgd(
     return pgd_budgets(
         model, x, y, eps=eps, step_size=step_size, budgets=[steps], restarts=restarts,
         random_start=random_start, loss=loss, bn_mode=bn_mode, generator=generator,
-        keep_best=keep_best, noise=noise, start_scale=start_scale, project=project,
+        keep_best=keep_best, noise=noise, start_scale=start_scale, project=project, clip_start=clip_start,
     )[steps]
 
 
@@ -155,6 +158,7 @@ def pgd_budgets(
     noise: torch.Tensor | None = None,
     start_scale: float = 1.0,
     project: bool = True,
+    clip_start: bool = True,
 ) -> dict[int, torch.Tensor]:
     """{k: the adversary of ``pgd(..., steps=k)``} for every k in ``budgets``, from one run.
 
@@ -177,14 +181,18 @@ def pgd_budgets(
     # Whether misclassification must be tracked at all: the training path (one budget, one restart,
     # last iterate) skips the per-step argmax and the final forward pass.
     track = keep_best or restarts > 1 or len(budgets) > 1
+    if not clip_start and track:  # an unclipped start must never be returned as an adversary
+        raise ValueError("clip_start=False is for training adversaries only (one budget, one restart, "
+                         "keep_best=False)")
     if random_start and noise is None:
         noise = start_noise(x.shape, restarts, generator=generator, device=x.device, dtype=x.dtype)
     if random_start and tuple(noise.shape) != (restarts, *x.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(restarts, *x.shape)}")
     with attack_mode(model, bn_mode):
         for r in range(restarts):
-            x_adv = ((x + (2.0 * noise[r] - 1.0) * (eps * start_scale)).clamp_(0.0, 1.0) if random_start
-                     else x.clone())
+            x_adv = x + (2.0 * noise[r] - 1.0) * (eps * start_scale) if random_start else x.clone()
+            if clip_start:
+                x_adv.clamp_(0.0, 1.0)
             for t in range(top + 1):
                 grad = None
                 if t < top:
@@ -244,4 +252,5 @@ def attack_from_config(
         noise=noise,
         start_scale=getattr(cfg, "start_scale", 1.0),  # training attacks only (TrainAttackConfig)
         project=getattr(cfg, "project", True),
+        clip_start=getattr(cfg, "clip_start", True),
     )

@@ -60,7 +60,10 @@ def test_fast_budget_is_fgsm_with_random_start_in_every_preset():
             continue
         cfg = load_config(p, "fast")
         assert cfg.attack.steps == 1 and cfg.attack.random_start
-        assert cfg.attack.step_size == pytest.approx(1.25 * cfg.attack.eps)
+        # Wong et al.'s step range: 1.25 eps (CIFAR); eps on MNIST, where 1.25 eps overfit catastrophically
+        assert cfg.attack.eps - 1e-9 <= cfg.attack.step_size <= 1.25 * cfg.attack.eps + 1e-9
+        if p.startswith("mnist"):  # results/fast-mnist-fgsm: the measured recipe
+            assert cfg.method.grad_align == 1.0 and cfg.optim.schedule == "cyclic" and cfg.run.precision == "bf16"
         assert cfg.eval_attack == load_config(p).eval_attack  # the catastrophic-overfitting watch is PGD
         assert cfg.run.eval_every < cfg.optim.steps
 

@@ -72,8 +72,8 @@ def learning_rate(cfg: Config, step: int) -> float:
     if o.schedule == "cyclic":
         t, top = (step + 1) / o.steps, o.peak
         return o.lr * (t / top if t <= top else max(0.0, (1.0 - t) / (1.0 - top)))
-    passed = sum(1 for m in cfg.optim.milestones if step >= m)
-    return cfg.optim.lr * cfg.optim.gamma**passed
+    passed = sum(1 for m in o.milestones if step >= m)
+    return o.lr * o.gamma**passed
 
 
 def attack_strength(cfg: Config, step: int) -> tuple[float, float]:

@@ -12,6 +12,7 @@ from shared_data import SHARED_DATA
 from robustfeat.analysis import (
     AnalysisError,
     RankAccumulator,
+    analysis_attack,
     attention_maps,
     attention_vs_robustness,
     classify_maps,
@@ -29,6 +30,7 @@ from robustfeat.analysis import (
     upsample_map,
     weights_by_rank,
 )
+from robustfeat.attacks import attack_from_config
 from robustfeat.cli import main
 from robustfeat.config import AttackConfig, load_config
 from robustfeat.evaluate import to_float_images
@@ -121,6 +123,26 @@ def test_attention_vs_robustness_on_a_tiny_model():
     assert torch.allclose(out.weights.flatten(1).sum(1), torch.ones(5), atol=1e-5)
     order = robustness_order(feature_robustness(out.local, out.local + torch.rand_like(out.local)))
     assert torch.equal(order.sort(1).values, torch.arange(64).expand(5, 64))
+
+
+def test_analysis_attack_drops_the_training_only_start_and_projection_options():
+    # an N-FGSM training attack with an unclipped start: its adversaries may leave the ball and [0, 1]
+    train_attack = load_config("cifar10-at-att", overrides=[
+        "attack.steps=1", "attack.step_size=0.031", "attack.start_scale=2", "attack.project=false",
+        "attack.clip_start=false"]).attack
+    a = analysis_attack(train_attack)
+    assert type(a) is AttackConfig and a.bn_mode == "eval" and train_attack.bn_mode == "train"
+    assert (a.eps, a.step_size, a.steps, a.restarts, a.loss) == (
+        train_attack.eps, train_attack.step_size, 1, train_attack.restarts, train_attack.loss)
+    model = _tiny()
+    x, y = _images(4)
+    xf = to_float_images(x, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    xa = attack_from_config(model, xf, y, a, generator=gen, keep_best=False)
+    assert (xa - xf).abs().max() <= a.eps + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    gen = torch.Generator().manual_seed(0)
+    wide = attack_from_config(model, xf, y, train_attack, generator=gen, keep_best=False)
+    assert (wide - xf).abs().max() > a.eps + 1e-3  # the training attack itself does leave the ball
 
 
 def test_attention_analyses_refuse_a_model_without_attention():

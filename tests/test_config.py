@@ -59,6 +59,7 @@ def test_overrides_and_fractions():
         (["optim.schedule=cosine"], r"optim.schedule='cosine' is invalid: expected one of step, cyclic"),
         (["optim.schedule=cyclic", "optim.peak=1"], r"optim.peak=1 is invalid: expected a fraction"),
         (["optim.schedule=cyclic"], r"optim.milestones=\[40000, 60000\] is invalid: expected \[\] with"),
+        (["data.val_size=0"], r"data.val_size=0 is invalid: expected an integer >= 1: periodic validation"),
     ],
 )
 def test_bad_values_name_the_key_and_what_was_expected(overrides, match):

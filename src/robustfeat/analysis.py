@@ -14,7 +14,8 @@ Readings of the paper where it leaves room (documented once, here):
 
 * Robustness of a spatial feature (section 4.3) = ||l_n(x) - l_n(x')||_2 over the C channels of
   the last residual block's local feature at position n, x' = the PGD adversary of x made with the
-  run's *training* attack (bn_mode switched to "eval", since we analyse the trained model). Rank 0 =
+  run's *training* attack (see ``analysis_attack``: bn_mode "eval", since we analyse the trained
+  model, and the training-only start/projection options dropped). Rank 0 =
   smallest distance = most robust; ties are broken by position index (stable sort). The attention
   weights are those the model assigns to the *clean* image.
 * Figure 2's curve is the mean over images of "the weight at the position with robustness rank r".
@@ -34,6 +35,7 @@ Readings of the paper where it leaves room (documented once, here):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,15 @@ from .attacks import attack_from_config
 from .config import AttackConfig
 
 CLIP_STD = 3.0
+
+
+def analysis_attack(train_attack: AttackConfig) -> AttackConfig:
+    """Figure 2's adversary: the run's training attack (eps, step, steps, restarts, loss) on the trained
+    model in eval mode, as a plain ``AttackConfig``, so the training-only options of a
+    ``TrainAttackConfig`` (N-FGSM's wider start and missing projection, an unclipped start) cannot
+    carry over: the analysis adversary always stays in the eps-ball and in [0, 1]."""
+    plain = {f.name: getattr(train_attack, f.name) for f in dataclasses.fields(AttackConfig)}
+    return AttackConfig(**{**plain, "bn_mode": "eval"})
 
 # Table 4 of the paper: accuracy of the natural ResNet (88.79% clean test accuracy) on gradient maps.
 PAPER_TABLE4 = {

@@ -140,11 +140,10 @@ def _write_json(path: Path, obj) -> None:
 
 
 def cmd_attention_robustness(args) -> int:
-    import dataclasses
 
     import torch
 
-    from .analysis import attention_vs_robustness, subset, untrained_control
+    from .analysis import analysis_attack, attention_vs_robustness, subset, untrained_control
     from .checkpoint import atomic_write_text
     from .figures import plot_attention_robustness
     from .seeding import derived_seed
@@ -152,7 +151,7 @@ def cmd_attention_robustness(args) -> int:
     model, cfg, meta, dev = _load_attention_run(args, "attention-robustness")
     names = [s.strip() for s in args.splits.split(",") if s.strip()]
     splits = _splits(cfg, args)
-    attack = dataclasses.replace(cfg.attack, bn_mode="eval")
+    attack = analysis_attack(cfg.attack)
     untrained = untrained_control(cfg, splits.dataset.num_classes, splits.dataset.image_shape[0], dev,
                                   derived_seed(ATTENTION_ROBUSTNESS_SEED, 99))
     results, controls = {}, {}

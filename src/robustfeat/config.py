@@ -88,7 +88,8 @@ class DataConfig:
     path: str | None = None
     """For name=npz: the .npz file with x_train, y_train, x_test, y_test."""
     val_size: int = 5000
-    """Images held out of the training set for model selection (never the test set)."""
+    """Images held out of the training set for model selection (never the test set); at least 1,
+    since periodic validation picks the best checkpoint and watches for catastrophic overfitting."""
     train_size: int | None = None
     """Use only this many training images (after the validation split); None = all. For CPU budgets."""
     augment: bool = False
@@ -101,6 +102,9 @@ class DataConfig:
         _opt_str("data.dir", self.dir)
         _opt_str("data.path", self.path)
         _int("data.val_size", self.val_size, 0)
+        if self.val_size == 0:
+            _fail("data.val_size", 0, "an integer >= 1: periodic validation selects the best checkpoint and "
+                  "watches for catastrophic overfitting, and an empty split would log 0% accuracy")
         if self.train_size is not None:
             _int("data.train_size", self.train_size, 1)
         _bool("data.augment", self.augment)

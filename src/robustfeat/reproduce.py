@@ -259,6 +259,7 @@ def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progre
     from .analysis import (
         PAPER_CLASSIFIER_TEST_ACC,
         PAPER_TABLE4,
+        analysis_attack,
         attention_maps,
         attention_vs_robustness,
         gradient_map_accuracy,
@@ -286,7 +287,7 @@ def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progre
 
     if kind == "attention-robustness":
         name, (model, cfg, _meta) = next(iter(loaded.items()))
-        attack = dataclasses.replace(cfg.attack, bn_mode="eval")
+        attack = analysis_attack(cfg.attack)
         untrained = untrained_control(cfg, splits.dataset.num_classes, splits.dataset.image_shape[0], dev,
                                       derived_seed(ANALYSIS_SEED, 2))
         panels, controls, res["splits"] = {}, {}, {}

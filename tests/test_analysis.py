@@ -126,7 +126,7 @@ def test_attention_vs_robustness_on_a_tiny_model():
 
 
 def test_analysis_attack_drops_the_training_only_start_and_projection_options():
-    # an N-FGSM training attack with an unclipped start: its adversaries may leave the ball and [0, 1]
+    # an N-FGSM training attack with an unclipped start: its adversaries may leave the eps-ball
     train_attack = load_config("cifar10-at-att", overrides=[
         "attack.steps=1", "attack.step_size=0.031", "attack.start_scale=2", "attack.project=false",
         "attack.clip_start=false"]).attack

@@ -58,6 +58,7 @@ def analysis_attack(train_attack: AttackConfig) -> AttackConfig:
     plain = {f.name: getattr(train_attack, f.name) for f in dataclasses.fields(AttackConfig)}
     return AttackConfig(**{**plain, "bn_mode": "eval"})
 
+
 # Table 4 of the paper: accuracy of the natural ResNet (88.79% clean test accuracy) on gradient maps.
 PAPER_TABLE4 = {
     "cifar10-at": {

@@ -140,7 +140,6 @@ def _write_json(path: Path, obj) -> None:
 
 
 def cmd_attention_robustness(args) -> int:
-
     import torch
 
     from .analysis import analysis_attack, attention_vs_robustness, subset, untrained_control

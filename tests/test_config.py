@@ -58,6 +58,7 @@ def test_overrides_and_fractions():
         (["attack.clip_start=false", "attack.restarts=2"], r"attack.clip_start=False is invalid: expected true unless"),
         (["optim.schedule=cosine"], r"optim.schedule='cosine' is invalid: expected one of step, cyclic"),
         (["optim.schedule=cyclic", "optim.peak=1"], r"optim.peak=1 is invalid: expected a fraction"),
+        (["optim.ema=1"], r"optim.ema=1 is invalid: expected a decay in \[0, 1\)"),
         (["optim.schedule=cyclic"], r"optim.milestones=\[40000, 60000\] is invalid: expected \[\] with"),
         (["data.val_size=0"], r"data.val_size=0 is invalid: expected an integer >= 1: periodic validation"),
     ],

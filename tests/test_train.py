@@ -109,3 +109,68 @@ def test_single_step_training_with_grad_align_and_a_cyclic_lr(cfg, splits, tmp_p
     train(plain, tmp_path / "plain", splits=splits, progress=False)
     a, b = _weights(tmp_path / "run"), _weights(tmp_path / "plain")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def _tensors(run_dir, prefix, name="last"):
+    return {k[len(prefix):]: v for k, v in load_file(str(run_dir / f"checkpoints/{name}.safetensors")).items()
+            if k.startswith(prefix)}
+
+
+def test_weight_average_is_the_ema_of_the_trained_weights(cfg, splits, tmp_path):
+    """optim.ema leaves training untouched and saves, as the model, the EMA of the per-step weights."""
+    from dataclasses import replace
+
+    d = 0.6
+    cfg = replace(cfg, optim=replace(cfg.optim, steps=3))
+    ema_cfg = replace(cfg, optim=replace(cfg.optim, ema=d))
+    train(ema_cfg, tmp_path / "ema", splits=splits, progress=False)
+    trained = _tensors(tmp_path / "ema", "train.")
+    averaged = _tensors(tmp_path / "ema", "model.")
+    # the weights after each step, from runs of the plain config stopped there (same trajectory)
+    per_step = []
+    for k in range(1, cfg.optim.steps + 1):
+        train(cfg, tmp_path / f"plain{k}", splits=splits, progress=False, stop_after=k)
+        per_step.append(_tensors(tmp_path / f"plain{k}", "model."))
+    assert trained.keys() == per_step[-1].keys()
+    for name in trained:
+        assert torch.equal(trained[name], per_step[-1][name]), name  # training itself is unchanged
+    floats = [n for n, v in averaged.items() if v.is_floating_point()]
+    assert floats
+    for name in floats:
+        expected = per_step[0][name].clone()  # the average starts as the weights after step 1
+        for w in per_step[1:]:
+            expected = d * expected + (1 - d) * w[name]
+        torch.testing.assert_close(averaged[name], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(averaged[n], trained[n]) for n in floats)
+    # best holds the average too (validation measures it), never the raw weights
+    best = _tensors(tmp_path / "ema", "model.", "best")
+    assert not any(k.startswith("train.") for k in load_file(str(tmp_path / "ema/checkpoints/best.safetensors")))
+    assert best.keys() == averaged.keys()
+
+
+def test_weight_average_resumes_exactly(cfg, splits, tmp_path):
+    from dataclasses import replace
+
+    ema_cfg = replace(cfg, optim=replace(cfg.optim, ema=0.6))
+    train(ema_cfg, tmp_path / "full", splits=splits, progress=False)
+    train(ema_cfg, tmp_path / "cut", splits=splits, progress=False, stop_after=4)
+    train(ema_cfg, tmp_path / "cut", splits=splits, progress=False, resume=True)
+    for prefix in ("model.", "train."):
+        a, b = _tensors(tmp_path / "full", prefix), _tensors(tmp_path / "cut", prefix)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert torch.equal(a[k], b[k]), prefix + k
+
+
+def test_weight_average_refuses_a_checkpoint_without_trained_weights(cfg, splits, tmp_path):
+    from robustfeat.build import build_model
+    from robustfeat.checkpoint import CheckpointError, load_into
+    from robustfeat.train import make_optimizer
+
+    train(cfg, tmp_path / "plain", splits=splits, progress=False, stop_after=3)
+    ds = splits.dataset
+    model = build_model(cfg.model, ds.num_classes, ds.image_shape[0])
+    averaged = build_model(cfg.model, ds.num_classes, ds.image_shape[0])
+    with pytest.raises(CheckpointError, match=r"no training weights \(train\.\*\)"):
+        load_into(tmp_path / "plain/checkpoints/last.safetensors", model, make_optimizer(cfg, model),
+                  averaged=averaged)

@@ -1,7 +1,8 @@
 """Checkpoints: one safetensors file per checkpoint, written atomically, loaded without pickle.
 
-A checkpoint holds the model weights (``model.*``), the optimizer's tensors (``optim.*``) and, in the
-safetensors metadata, the step, the optimizer's non-tensor state, the resolved config and the best
+A checkpoint holds the model weights (``model.*``; with ``optim.ema`` the weight average), the
+optimizer's tensors (``optim.*``), with ``optim.ema`` the weights being trained (``train.*``) and, in
+the safetensors metadata, the step, the optimizer's non-tensor state, the resolved config and the best
 validation metric so far. Nothing in it is ever executed on load, so checkpoints can be exchanged.
 Data order, augmentation and attack noise are derived from (seed, step), so the step is all the
 random state a resume needs.
@@ -148,9 +149,16 @@ def save_checkpoint(
     step: int,
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    train_model: torch.nn.Module | None = None,
 ) -> None:
-    """Atomically write model (+ optimizer) state at ``step``; ``extra`` is any JSON-able dict."""
+    """Atomically write model (+ optimizer) state at ``step``; ``extra`` is any JSON-able dict.
+
+    With a weight average (``optim.ema``), ``model`` is the averaged model, the one every reader
+    evaluates, and ``train_model`` the weights the optimizer steps, stored as ``train.*`` for resuming.
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if train_model is not None:
+        tensors.update({f"train.{k}": v.detach().cpu().contiguous() for k, v in train_model.state_dict().items()})
     meta: dict[str, str] = {
         "format": FORMAT,
         "step": str(int(step)),
@@ -227,10 +235,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
-def check_architecture(path: str | os.PathLike, tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    """CheckpointError unless the checkpoint's ``model.*`` tensors have exactly the model's names,
-    shapes and dtypes (works on a model built on the ``meta`` device, so nothing is allocated)."""
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+def _weights(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def check_architecture(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str = "model."
+) -> None:
+    """CheckpointError unless the checkpoint's ``model.*`` (or ``prefix``) tensors have exactly the
+    model's names, shapes and dtypes (works on a model built on the ``meta`` device, so nothing is
+    allocated)."""
+    weights = _weights(tensors, prefix)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -254,23 +269,41 @@ def check_architecture(path: str | os.PathLike, tensors: dict[str, torch.Tensor]
         )
 
 
+def _load_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], model: torch.nn.Module,
+                  prefix: str) -> None:
+    check_architecture(path, tensors, model, prefix)
+    weights = _weights(tensors, prefix)
+    for k, v in weights.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values in {prefix}{k}")
+    model.load_state_dict(weights)
+
+
 def load_into(
     path: str | os.PathLike,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    averaged: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``); returns its metadata.
 
-    A checkpoint whose tensors do not fit the model (other architecture or widths) is refused with a
-    message listing the first mismatches, never loaded partially.
+    To resume a run with a weight average, pass the average as ``averaged``: it receives the
+    checkpoint's ``model.*`` tensors and ``model`` its ``train.*`` ones. A checkpoint whose tensors
+    do not fit the model (other architecture or widths) is refused with a message listing the first
+    mismatches, never loaded partially.
     """
     tensors, meta = read_checkpoint(path)
-    check_architecture(path, tensors, model)
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    for k, v in weights.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite values in {k}")
-    model.load_state_dict(weights)
+    if averaged is None:
+        _load_weights(path, tensors, model, "model.")
+    else:
+        if not any(k.startswith("train.") for k in tensors):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds no training weights (train.*) beside its weight average; "
+                "it cannot resume a run with optim.ema > 0"
+            )
+        _load_weights(path, tensors, averaged, "model.")
+        _load_weights(path, tensors, model, "train.")
     if optimizer is not None:
         if meta["optimizer"] is None:
             raise CheckpointError(f"checkpoint {str(path)!r} has no optimizer state to resume from")

@@ -253,6 +253,10 @@ class OptimConfig:
     fast single-step training)."""
     peak: float = 0.4
     """cyclic only: where the learning rate peaks, as a fraction of `steps`."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights (and buffers), updated after every step;
+    0 = off. When on, validation, `best` and the `model.*` weights of every checkpoint are the
+    average (beyond the paper)."""
 
     def __post_init__(self) -> None:
         _choice("optim.name", self.name, ("sgd", "adam"))
@@ -274,6 +278,8 @@ class OptimConfig:
         if self.schedule == "cyclic" and self.milestones:
             _fail("optim.milestones", list(self.milestones), "[] with optim.schedule=cyclic (its lr is one triangle)")
         _num("optim.gamma", self.gamma, 0.0, strict=True)
+        if not isinstance(self.ema, (int, float)) or isinstance(self.ema, bool) or not 0 <= self.ema < 1:
+            _fail("optim.ema", self.ema, "a decay in [0, 1), e.g. 0.999 (0 = no weight average)")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ Run directory:
     run.json               git revision, command, machine, torch version, times
     metrics.jsonl          one JSON object per line: {"kind": "train"|"eval", "step": ..., ...}
     checkpoints/last.safetensors, checkpoints/best.safetensors
+
+With ``optim.ema`` > 0, an exponential moving average of the weights is kept beside them; it is what
+validation measures and what ``best`` and ``last`` hold as their model (``last`` also keeps the
+trained weights, to resume).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -352,12 +357,19 @@ def train(
         model = distributed.convert_sync_batchnorm(model, dctx)
     dctx.broadcast_parameters(model)
     optimizer = make_optimizer(cfg, model)
+    # beyond the paper: an exponential moving average of the weights and buffers (torch's own
+    # AveragedModel); when on, it is the model validated and saved as model.* (see checkpoint.py)
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema), use_buffers=True)
+                if cfg.optim.ema > 0 else None)
+    evaluated = model if averaged is None else averaged.module
     spec = METHODS.get(cfg.method.name)
     lam = cfg.lam
 
     start_step, best = 0, -1.0
     if resume and (out_dir / LAST).exists():
-        meta = load_into(out_dir / LAST, model, optimizer)
+        meta = load_into(out_dir / LAST, model, optimizer, averaged=None if averaged is None else evaluated)
+        if averaged is not None:
+            averaged.n_averaged.fill_(max(meta["step"], 1))  # not 0: the next update averages, not copies
         if not _same_experiment(meta["config"], cfg.to_dict()):
             raise CheckpointError(
                 f"{str(out_dir / LAST)!r} was written by another config than {str(out_dir / 'config.yaml')!r}; "
@@ -409,17 +421,19 @@ def train(
             best = val["pgd_acc"]
         extra = {"best_val_pgd": best, "val": val, "num_classes": ds.num_classes,
                  "in_channels": ds.image_shape[0], "classes": list(ds.classes)}
-        for name, t in model.state_dict().items():  # never replace a good checkpoint by a broken one
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise TrainingError(
-                    f"non-finite weights ({name}) after step {step}; the last good checkpoint is "
-                    f"{str(out_dir / LAST)!r} (lower optim.lr or check the data)"
-                )
+        for m in {id(model): model, id(evaluated): evaluated}.values():  # never save broken weights
+            for name, t in m.state_dict().items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise TrainingError(
+                        f"non-finite weights ({name}) after step {step}; the last good checkpoint is "
+                        f"{str(out_dir / LAST)!r} (lower optim.lr or check the data)"
+                    )
         # best before last: a kill between the two writes resumes from the previous last checkpoint,
         # which redoes this evaluation and rewrites best, so best is never older than last says.
         if improved:
-            save_checkpoint(out_dir / BEST, model, None, step=step, config=cfg.to_dict(), extra=extra)
-        save_checkpoint(out_dir / LAST, model, optimizer, step=step, config=cfg.to_dict(), extra=extra)
+            save_checkpoint(out_dir / BEST, evaluated, None, step=step, config=cfg.to_dict(), extra=extra)
+        save_checkpoint(out_dir / LAST, evaluated, optimizer, step=step, config=cfg.to_dict(), extra=extra,
+                        train_model=model if averaged is not None else None)
         dctx.barrier()
 
     bar = tqdm(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
@@ -462,6 +476,8 @@ def train(
                     f"{str(out_dir / LAST)!r} (lower optim.lr or check the data)"
                 )
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
 
             for k, v in parts.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
@@ -485,7 +501,7 @@ def train(
                 sums, n_sum, t_log = {}, 0, now
             bar.update(1)
             if done % cfg.run.eval_every == 0 or done == total:
-                last_val = evaluate_split(model, cfg, x_val, y_val, device) if dctx.main else {}
+                last_val = evaluate_split(evaluated, cfg, x_val, y_val, device) if dctx.main else {}
                 log.write({"kind": "eval", "step": done, "split": "val", "n": len(y_val), **last_val,
                            "wall_s": round(wall_before + time.time() - t_start, 1)})
                 if tb is not None:

@@ -421,7 +421,7 @@ def train(
             best = val["pgd_acc"]
         extra = {"best_val_pgd": best, "val": val, "num_classes": ds.num_classes,
                  "in_channels": ds.image_shape[0], "classes": list(ds.classes)}
-        for m in {id(model): model, id(evaluated): evaluated}.values():  # never save broken weights
+        for m in (model,) if averaged is None else (model, evaluated):  # never save broken weights
             for name, t in m.state_dict().items():
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise TrainingError(

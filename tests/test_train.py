@@ -1,6 +1,7 @@
 """The training loop end to end on the embedded MNIST sample: files, resume, CLI errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,8 +93,6 @@ def test_cli_train_eval_and_load_model(tmp_path, capsys):
 
 
 def test_single_step_training_with_grad_align_and_a_cyclic_lr(cfg, splits, tmp_path):
-    from dataclasses import replace
-
     from robustfeat.config import load_config
 
     fast = load_config("demo", overrides=TINY + ["attack.steps=1", "attack.step_size=0.375",
@@ -118,8 +117,6 @@ def _tensors(run_dir, prefix, name="last"):
 
 def test_weight_average_is_the_ema_of_the_trained_weights(cfg, splits, tmp_path):
     """optim.ema leaves training untouched and saves, as the model, the EMA of the per-step weights."""
-    from dataclasses import replace
-
     d = 0.6
     cfg = replace(cfg, optim=replace(cfg.optim, steps=3))
     ema_cfg = replace(cfg, optim=replace(cfg.optim, ema=d))
@@ -149,8 +146,6 @@ def test_weight_average_is_the_ema_of_the_trained_weights(cfg, splits, tmp_path)
 
 
 def test_weight_average_resumes_exactly(cfg, splits, tmp_path):
-    from dataclasses import replace
-
     ema_cfg = replace(cfg, optim=replace(cfg.optim, ema=0.6))
     train(ema_cfg, tmp_path / "full", splits=splits, progress=False)
     train(ema_cfg, tmp_path / "cut", splits=splits, progress=False, stop_after=4)

@@ -1,5 +1,6 @@
 """The training loop end to end on the embedded MNIST sample: files, resume, CLI errors."""
 
+import importlib
 import json
 from dataclasses import replace
 
@@ -169,3 +170,95 @@ def test_weight_average_refuses_a_checkpoint_without_trained_weights(cfg, splits
     with pytest.raises(CheckpointError, match=r"no training weights \(train\.\*\)"):
         load_into(tmp_path / "plain/checkpoints/last.safetensors", model, make_optimizer(cfg, model),
                   averaged=averaged)
+
+
+class ScriptedValidation:
+    """Stands in for the periodic validation: the n-th call reports the n-th PGD accuracy of ``pgd``
+    (the rollback guard acts on these numbers only, so a script makes its decisions deterministic)."""
+
+    def __init__(self, pgd):
+        self.pgd, self.calls = list(pgd), 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return {"clean_acc": 0.9, "pgd_acc": self.pgd[self.calls - 1]}
+
+
+def _guarded(cfg, **run):
+    return replace(cfg, run=replace(cfg.run, eval_every=1, log_every=1, rollback_drop=0.1, rollback_lr=0.5, **run))
+
+
+def _records(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.6])
+def test_rollback_restores_best_and_lowers_the_lr(cfg, splits, tmp_path, monkeypatch, ema):
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    from robustfeat.train import learning_rate
+
+    guarded = _guarded(replace(cfg, optim=replace(cfg.optim, ema=ema)))
+    # steps 1-6: best at step 2; step 3 falls 0.2 below it (rollback), step 4 only 0.05 (none),
+    # step 5 falls again (second rollback, to step 2 again), step 6 is a new best
+    script = [0.5, 0.6, 0.4, 0.55, 0.45, 0.7]
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    res = train(guarded, tmp_path / "run", splits=splits, progress=False)
+    run = tmp_path / "run"
+    rollbacks = _records(run, "rollback")
+    assert [(r["step"], r["to_step"], r["lr_scale"]) for r in rollbacks] == [(3, 2, 0.5), (5, 2, 0.25)]
+    assert res.best_val_pgd == 0.7
+    # the lr of each step: the schedule times 1, then 0.5 after the first rollback, 0.25 after the second
+    lrs = [r["lr"] for r in _records(run, "train")]
+    scales = [1, 1, 1, 0.5, 0.5, 0.25]
+    assert lrs == pytest.approx([learning_rate(guarded, s) * scales[s] for s in range(6)])
+
+    # what a rollback leaves is exactly best's state: the run stopped at step 3 equals a run stopped at 2
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    train(guarded, tmp_path / "at3", splits=splits, progress=False, stop_after=3)
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    train(guarded, tmp_path / "at2", splits=splits, progress=False, stop_after=2)
+    for prefix in ("model.", "train.", "optim.") if ema else ("model.", "optim."):
+        a, b = _tensors(tmp_path / "at3", prefix), _tensors(tmp_path / "at2", prefix)
+        assert a.keys() == b.keys() and a, prefix
+        for k in a:
+            assert torch.equal(a[k], b[k]), prefix + k
+    # ... and it differs from the state step 3 would have had without the guard
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    plain = replace(guarded, run=replace(guarded.run, rollback_drop=0.0))
+    train(plain, tmp_path / "plain3", splits=splits, progress=False, stop_after=3)
+    a, b = _tensors(tmp_path / "at3", "model."), _tensors(tmp_path / "plain3", "model.")
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_rollback_resumes_exactly(cfg, splits, tmp_path, monkeypatch):
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+
+    guarded = _guarded(cfg)
+    script = [0.5, 0.6, 0.4, 0.55, 0.45, 0.7]
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    train(guarded, tmp_path / "full", splits=splits, progress=False)
+    cut = ScriptedValidation(script)  # one script over both sessions: the resumed one asks for steps 5-6
+    monkeypatch.setattr(train_module, "evaluate_split", cut)
+    train(guarded, tmp_path / "cut", splits=splits, progress=False, stop_after=4)  # after one rollback
+    train(guarded, tmp_path / "cut", splits=splits, progress=False, resume=True)
+    assert cut.calls == 6
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "wall_s")} for r in rs]
+    for kind in ("train", "rollback"):
+        assert strip(_records(tmp_path / "full", kind)) == strip(_records(tmp_path / "cut", kind))
+
+
+def test_rollback_waits_for_rollback_after_and_is_off_by_default(cfg, splits, tmp_path, monkeypatch):
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+
+    script = [0.5, 0.6, 0.1, 0.2, 0.3, 0.35]  # a large drop at step 3, the rest stays below the best
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    train(_guarded(cfg, rollback_after=4), tmp_path / "late", splits=splits, progress=False)
+    assert [r["step"] for r in _records(tmp_path / "late", "rollback")] == [4, 5, 6]
+    off = replace(cfg, run=replace(cfg.run, eval_every=1))
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
+    train(off, tmp_path / "off", splits=splits, progress=False)
+    assert _records(tmp_path / "off", "rollback") == []
+    assert "optim." not in "".join(load_file(str(tmp_path / "off/checkpoints/best.safetensors")))

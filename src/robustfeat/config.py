@@ -314,6 +314,17 @@ class RunConfig:
     attack_fp32: bool = False
     """With precision=bf16: craft the training adversary in fp32 and use bf16 only for the weight
     update (slower, but the attack's gradients are exactly those of fp32 training)."""
+    rollback_drop: float = 0.0
+    """Beyond the paper, a guard for single-step training: when a periodic validation's PGD accuracy
+    falls more than this below the best so far (a fraction: 0.03 = 3 points), the run goes back to the
+    ``best`` checkpoint's weights and optimizer state and multiplies its learning rate by
+    ``rollback_lr`` from then on; the schedule and the data order go on from the current step. Each
+    further drop does the same again. 0 = off. With it on, ``best`` also stores the optimizer state."""
+    rollback_lr: float = 0.5
+    """Factor applied to the learning rate at each rollback, in (0, 1]."""
+    rollback_after: int = 0
+    """First step whose validation may trigger a rollback (earlier ones, still near chance and noisy,
+    only update the best)."""
 
     def __post_init__(self) -> None:
         _int("run.seed", self.seed, 0)
@@ -331,6 +342,14 @@ class RunConfig:
         _bool("run.sync_bn", self.sync_bn)
         _choice("run.precision", self.precision, PRECISIONS)
         _bool("run.attack_fp32", self.attack_fp32)
+        _num("run.rollback_drop", self.rollback_drop, 0.0)
+        if self.rollback_drop >= 1:
+            _fail("run.rollback_drop", self.rollback_drop, "a drop of validation PGD accuracy in [0, 1), "
+                  "e.g. 0.03 = 3 points (0 = off)")
+        _num("run.rollback_lr", self.rollback_lr, 0.0, strict=True)
+        if self.rollback_lr > 1:
+            _fail("run.rollback_lr", self.rollback_lr, "a learning-rate factor in (0, 1], e.g. 0.5")
+        _int("run.rollback_after", self.rollback_after, 0)
 
 
 @dataclass(frozen=True)

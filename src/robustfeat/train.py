@@ -15,6 +15,11 @@ Run directory:
 With ``optim.ema`` > 0, an exponential moving average of the weights is kept beside them; it is what
 validation measures and what ``best`` and ``last`` hold as their model (``last`` also keeps the
 trained weights, to resume).
+
+With ``run.rollback_drop`` > 0, a validation whose PGD accuracy falls that far below the best sends
+the run back to ``best`` (weights and optimizer state, which ``best`` then also stores) with its
+learning rate scaled by ``run.rollback_lr``; the scale is kept in ``last``, so a resumed run goes on
+with it.
 """
 
 from __future__ import annotations
@@ -255,7 +260,8 @@ def checkpoint_bytes(cfg: Config, splits: Splits) -> int:
         model = build_model(cfg.model, ds.num_classes, ds.image_shape[0])
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     state_per_param = 2 if cfg.optim.name == "adam" else 1  # Adam: two moments; SGD: momentum
-    return model_bytes * (1 + state_per_param) + model_bytes
+    resumable = model_bytes * (1 + state_per_param + (1 if cfg.optim.ema > 0 else 0))  # + train.* with EMA
+    return resumable + (resumable if cfg.run.rollback_drop > 0 else model_bytes)
 
 
 def check_free_space(out_dir: Path, need_bytes: int) -> None:
@@ -366,6 +372,7 @@ def train(
     lam = cfg.lam
 
     start_step, best = 0, -1.0
+    lr_scale, rollbacks = 1.0, 0  # changed only by the rollback guard (run.rollback_drop)
     if resume and (out_dir / LAST).exists():
         meta = load_into(out_dir / LAST, model, optimizer, averaged=None if averaged is None else evaluated)
         if averaged is not None:
@@ -381,6 +388,12 @@ def train(
             raise CheckpointError(f"{str(out_dir / LAST)!r} has damaged metadata (step {start_step}, "
                                   f"best_val_pgd {best!r})")
         best = float(best)
+        lr_scale, rollbacks = meta["extra"].get("lr_scale", 1.0), meta["extra"].get("rollbacks", 0)
+        if (isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale <= 1
+                or isinstance(rollbacks, bool) or not isinstance(rollbacks, int) or rollbacks < 0):
+            raise CheckpointError(f"{str(out_dir / LAST)!r} has damaged metadata (lr_scale {lr_scale!r}, "
+                                  f"rollbacks {rollbacks!r})")
+        lr_scale = float(lr_scale)
     loader = DeviceLoader(
         splits.x_train, splits.y_train, batch_size=cfg.optim.batch_size, device=device,
         augment=cfg.data.augment, seed=cfg.run.seed, channels_last=cfg.run.channels_last,
@@ -420,7 +433,8 @@ def train(
         if improved:
             best = val["pgd_acc"]
         extra = {"best_val_pgd": best, "val": val, "num_classes": ds.num_classes,
-                 "in_channels": ds.image_shape[0], "classes": list(ds.classes)}
+                 "in_channels": ds.image_shape[0], "classes": list(ds.classes),
+                 "lr_scale": lr_scale, "rollbacks": rollbacks}
         for m in (model,) if averaged is None else (model, evaluated):  # never save broken weights
             for name, t in m.state_dict().items():
                 if t.is_floating_point() and not torch.isfinite(t).all():
@@ -430,11 +444,37 @@ def train(
                     )
         # best before last: a kill between the two writes resumes from the previous last checkpoint,
         # which redoes this evaluation and rewrites best, so best is never older than last says.
-        if improved:
-            save_checkpoint(out_dir / BEST, evaluated, None, step=step, config=cfg.to_dict(), extra=extra)
+        train_model = model if averaged is not None else None
+        if improved:  # with the rollback guard, best is also a state to go back to
+            guarded = cfg.run.rollback_drop > 0
+            save_checkpoint(out_dir / BEST, evaluated, optimizer if guarded else None, step=step,
+                            config=cfg.to_dict(), extra=extra, train_model=train_model if guarded else None)
         save_checkpoint(out_dir / LAST, evaluated, optimizer, step=step, config=cfg.to_dict(), extra=extra,
-                        train_model=model if averaged is not None else None)
+                        train_model=train_model)
         dctx.barrier()
+
+    def dropped(step: int, val: dict[str, float]) -> bool:
+        """Rank 0's verdict of the rollback guard on this validation, on every rank."""
+        drop = cfg.run.rollback_drop
+        fire = (dctx.main and drop > 0 and step >= cfg.run.rollback_after and best >= 0
+                and val["pgd_acc"] < best - drop)
+        return bool(dctx.broadcast_object(fire))
+
+    def roll_back(step: int, val: dict[str, float]) -> dict[str, float]:
+        """Go back to best's weights and optimizer state with a smaller lr; returns best's validation.
+        Every rank reads best from the run directory, as resuming does (a shared file system)."""
+        nonlocal lr_scale, rollbacks
+        meta = load_into(out_dir / BEST, model, optimizer, averaged=None if averaged is None else evaluated)
+        lr_scale *= cfg.run.rollback_lr
+        rollbacks += 1
+        log.write({"kind": "rollback", "step": step, "to_step": meta["step"], "val_pgd_acc": val["pgd_acc"],
+                   "best_val_pgd": best, "lr_scale": lr_scale, "rollbacks": rollbacks,
+                   "wall_s": round(wall_before + time.time() - t_start, 1)})
+        if dctx.main and progress:
+            tqdm.write(f"step {step}: validation PGD accuracy {val['pgd_acc']:.3f} is more than "
+                       f"{cfg.run.rollback_drop:g} below the best {best:.3f}; back to step {meta['step']} "
+                       f"with the learning rate x{lr_scale:g}")
+        return meta["extra"].get("val") or val
 
     bar = tqdm(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
                dynamic_ncols=True, desc=f"train {cfg.name}")
@@ -444,7 +484,7 @@ def train(
         for step in range(start_step, end):
             model.train()
             for g in optimizer.param_groups:
-                g["lr"] = learning_rate(cfg, step)
+                g["lr"] = learning_rate(cfg, step) * lr_scale
             x, y = loader.batch(step)
             x_adv, noise = None, None
             eps, alpha = attack_strength(cfg, step)
@@ -487,7 +527,7 @@ def train(
                 now = time.time()
                 sums = dctx.average(sums)  # [distributed] metrics of the global batch
                 rec = {"kind": "train", "step": done, "examples": done * cfg.optim.batch_size,
-                       "lr": learning_rate(cfg, step), "eps": round(eps, 6),
+                       "lr": learning_rate(cfg, step) * lr_scale, "eps": round(eps, 6),
                        **{k: round(float(v) / n_sum, 6) for k, v in sums.items()},
                        "examples_per_s": round(n_sum * cfg.optim.batch_size / max(now - t_log, 1e-9), 2),
                        "wall_s": round(wall_before + now - t_start, 1)}
@@ -507,7 +547,10 @@ def train(
                 if tb is not None:
                     for k, v in last_val.items():
                         tb.add_scalar(f"val/{k}", v, done)
-                checkpoint(done, last_val)
+                if dropped(done, last_val):  # before last is written, so a kill here redoes the rollback
+                    checkpoint(done, roll_back(done, last_val))
+                else:
+                    checkpoint(done, last_val)
             elif cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
                 checkpoint(done, None)
     except BaseException:

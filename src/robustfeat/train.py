@@ -483,8 +483,9 @@ def train(
     try:
         for step in range(start_step, end):
             model.train()
+            lr = learning_rate(cfg, step) * lr_scale
             for g in optimizer.param_groups:
-                g["lr"] = learning_rate(cfg, step) * lr_scale
+                g["lr"] = lr
             x, y = loader.batch(step)
             x_adv, noise = None, None
             eps, alpha = attack_strength(cfg, step)
@@ -527,7 +528,7 @@ def train(
                 now = time.time()
                 sums = dctx.average(sums)  # [distributed] metrics of the global batch
                 rec = {"kind": "train", "step": done, "examples": done * cfg.optim.batch_size,
-                       "lr": learning_rate(cfg, step) * lr_scale, "eps": round(eps, 6),
+                       "lr": lr, "eps": round(eps, 6),
                        **{k: round(float(v) / n_sum, 6) for k, v in sums.items()},
                        "examples_per_s": round(n_sum * cfg.optim.batch_size / max(now - t_log, 1e-9), 2),
                        "wall_s": round(wall_before + now - t_start, 1)}

@@ -62,6 +62,8 @@ def test_overrides_and_fractions():
         (["run.rollback_lr=0"], r"run.rollback_lr=0 is invalid: expected a number > 0"),
         (["run.rollback_lr=2"], r"run.rollback_lr=2 is invalid: expected a learning-rate factor in \(0, 1\]"),
         (["run.rollback_after=-5"], r"run.rollback_after=-5 is invalid: expected an integer >= 0"),
+        (["run.restart_below=1"], r"run.restart_below=1 is invalid: expected a clean validation accuracy"),
+        (["run.restart_below=-0.2"], r"run.restart_below=-0.2 is invalid: expected a number >= 0"),
         (["optim.schedule=cyclic", "optim.peak=1"], r"optim.peak=1 is invalid: expected a fraction"),
         (["optim.ema=1"], r"optim.ema=1 is invalid: expected a decay in \[0, 1\)"),
         (["optim.schedule=cyclic"], r"optim.milestones=\[40000, 60000\] is invalid: expected \[\] with"),

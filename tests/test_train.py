@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from robustfeat.checkpoint import read_checkpoint
 from robustfeat.cli import main
 from robustfeat.train import train
 
@@ -176,12 +177,13 @@ class ScriptedValidation:
     """Stands in for the periodic validation: the n-th call reports the n-th PGD accuracy of ``pgd``
     (the rollback guard acts on these numbers only, so a script makes its decisions deterministic)."""
 
-    def __init__(self, pgd):
+    def __init__(self, pgd, clean=None):
         self.pgd, self.calls = list(pgd), 0
+        self.clean = [0.9] * len(self.pgd) if clean is None else list(clean)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        return {"clean_acc": 0.9, "pgd_acc": self.pgd[self.calls - 1]}
+        return {"clean_acc": self.clean[self.calls - 1], "pgd_acc": self.pgd[self.calls - 1]}
 
 
 def _guarded(cfg, **run):
@@ -262,3 +264,75 @@ def test_rollback_waits_for_rollback_after_and_is_off_by_default(cfg, splits, tm
     train(off, tmp_path / "off", splits=splits, progress=False)
     assert _records(tmp_path / "off", "rollback") == []
     assert "optim." not in "".join(load_file(str(tmp_path / "off/checkpoints/best.safetensors")))
+
+
+def _restarting(cfg, **run):
+    return replace(cfg, run=replace(cfg.run, eval_every=1, log_every=1, restart_below=0.2, **run))
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.6])
+def test_dead_start_draws_new_weights_and_clears_the_optimizer(cfg, splits, tmp_path, monkeypatch, ema):
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    from robustfeat.build import build_model
+    from robustfeat.seeding import derived_seed
+    from robustfeat.train import learning_rate
+
+    guarded = _restarting(replace(cfg, optim=replace(cfg.optim, ema=ema)))
+    # step 1 is dead (clean 0.1) with the highest PGD accuracy of the run: it must not become best
+    script = ScriptedValidation([0.9, 0.3, 0.4, 0.35, 0.2, 0.1], clean=[0.1, 0.9, 0.9, 0.9, 0.9, 0.9])
+    monkeypatch.setattr(train_module, "evaluate_split", script)
+    res = train(guarded, tmp_path / "run", splits=splits, progress=False)
+    assert [(r["step"], r["restarts"], r["val_clean_acc"]) for r in _records(tmp_path / "run", "restart")] == [
+        (1, 1, 0.1)]
+    assert res.best_val_pgd == 0.4
+    # the schedule goes on: every step's lr is the schedule's
+    lrs = [r["lr"] for r in _records(tmp_path / "run", "train")]
+    assert lrs == pytest.approx([learning_rate(guarded, s) for s in range(6)])
+
+    # what a restart leaves: the seed's next initialization, bit for bit, and no optimizer moments
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script.pgd, script.clean))
+    train(guarded, tmp_path / "at1", splits=splits, progress=False, stop_after=1)
+    torch.manual_seed(derived_seed(guarded.run.seed, 0, 1))
+    fresh = build_model(guarded.model, splits.dataset.num_classes, splits.dataset.image_shape[0]).state_dict()
+    for prefix in ("model.", "train.") if ema else ("model.",):
+        saved = _tensors(tmp_path / "at1", prefix)
+        assert saved.keys() == fresh.keys(), prefix
+        for k in fresh:
+            assert torch.equal(saved[k], fresh[k]), prefix + k
+    tensors, meta = read_checkpoint(tmp_path / "at1/checkpoints/last.safetensors")
+    assert not any(k.startswith("optim.") for k in tensors) and meta["extra"]["restarts"] == 1
+
+
+def test_dead_start_resumes_exactly_and_gives_up_after_three(cfg, splits, tmp_path, monkeypatch):
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    from robustfeat.train import TrainingError
+
+    guarded = _restarting(cfg)
+    pgd, clean = [0.1, 0.1, 0.3, 0.4, 0.5, 0.6], [0.1, 0.15, 0.9, 0.9, 0.9, 0.9]  # two dead validations
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(pgd, clean))
+    train(guarded, tmp_path / "full", splits=splits, progress=False)
+    cut = ScriptedValidation(pgd, clean)  # one script over both sessions
+    monkeypatch.setattr(train_module, "evaluate_split", cut)
+    train(guarded, tmp_path / "cut", splits=splits, progress=False, stop_after=1)  # between the restarts
+    train(guarded, tmp_path / "cut", splits=splits, progress=False, resume=True)
+    assert cut.calls == 6
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "wall_s")} for r in rs]
+    for kind in ("train", "restart"):
+        assert strip(_records(tmp_path / "full", kind)) == strip(_records(tmp_path / "cut", kind))
+    assert [r["restarts"] for r in _records(tmp_path / "full", "restart")] == [1, 2]
+
+    # never learning: three restarts, then a clear error at the fourth dead validation, state kept
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation([0.1] * 6, [0.1] * 6))
+    with pytest.raises(TrainingError, match=r"step 4: validation clean accuracy 0.100 is below "
+                                            r"run.restart_below=0.2 after 3 re-initializations"):
+        train(guarded, tmp_path / "dead", splits=splits, progress=False)
+    assert len(_records(tmp_path / "dead", "restart")) == 3
+    assert (tmp_path / "dead/checkpoints/last.safetensors").exists()
+
+    # off by default
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation([0.1] * 6, [0.1] * 6))
+    train(replace(cfg, run=replace(cfg.run, eval_every=1)), tmp_path / "off", splits=splits, progress=False)
+    assert _records(tmp_path / "off", "restart") == []

@@ -325,6 +325,11 @@ class RunConfig:
     rollback_after: int = 0
     """First step whose validation may trigger a rollback (earlier ones, still near chance and noisy,
     only update the best)."""
+    restart_below: float = 0.0
+    """Beyond the paper, a guard against dead starts: when a periodic validation's clean accuracy is
+    below this (e.g. 0.2 on 10 classes: the network gives one class for every image), the weights are
+    drawn afresh from a new seed and the optimizer state is cleared; the schedule and the data order go
+    on from the current step. At most 3 times, then training stops with an error. 0 = off."""
 
     def __post_init__(self) -> None:
         _int("run.seed", self.seed, 0)
@@ -350,6 +355,10 @@ class RunConfig:
         if self.rollback_lr > 1:
             _fail("run.rollback_lr", self.rollback_lr, "a learning-rate factor in (0, 1], e.g. 0.5")
         _int("run.rollback_after", self.rollback_after, 0)
+        _num("run.restart_below", self.restart_below, 0.0)
+        if self.restart_below >= 1:
+            _fail("run.restart_below", self.restart_below, "a clean validation accuracy in [0, 1), e.g. 0.2 "
+                  "(0 = off)")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ trained weights, to resume).
 With ``run.rollback_drop`` > 0, a validation whose PGD accuracy falls that far below the best sends
 the run back to ``best`` (weights and optimizer state, which ``best`` then also stores) with its
 learning rate scaled by ``run.rollback_lr``; the scale is kept in ``last``, so a resumed run goes on
-with it.
+with it. With ``run.restart_below`` > 0, a validation whose clean accuracy is below it (a dead start:
+one class for every image) draws the weights afresh from a new seed and clears the optimizer state.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class TrainingError(Exception):
 
 
 ATTACK_STREAM = 1
+MAX_RESTARTS = 3  # re-initializations of a dead start (run.restart_below) before training gives up
 EVAL_STREAM = 2
 
 
@@ -373,6 +375,7 @@ def train(
 
     start_step, best = 0, -1.0
     lr_scale, rollbacks = 1.0, 0  # changed only by the rollback guard (run.rollback_drop)
+    restarts = 0  # changed only by the dead-start guard (run.restart_below)
     if resume and (out_dir / LAST).exists():
         meta = load_into(out_dir / LAST, model, optimizer, averaged=None if averaged is None else evaluated)
         if averaged is not None:
@@ -389,10 +392,11 @@ def train(
                                   f"best_val_pgd {best!r})")
         best = float(best)
         lr_scale, rollbacks = meta["extra"].get("lr_scale", 1.0), meta["extra"].get("rollbacks", 0)
+        restarts = meta["extra"].get("restarts", 0)
         if (isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale <= 1
-                or isinstance(rollbacks, bool) or not isinstance(rollbacks, int) or rollbacks < 0):
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (rollbacks, restarts))):
             raise CheckpointError(f"{str(out_dir / LAST)!r} has damaged metadata (lr_scale {lr_scale!r}, "
-                                  f"rollbacks {rollbacks!r})")
+                                  f"rollbacks {rollbacks!r}, restarts {restarts!r})")
         lr_scale = float(lr_scale)
     loader = DeviceLoader(
         splits.x_train, splits.y_train, batch_size=cfg.optim.batch_size, device=device,
@@ -434,7 +438,7 @@ def train(
             best = val["pgd_acc"]
         extra = {"best_val_pgd": best, "val": val, "num_classes": ds.num_classes,
                  "in_channels": ds.image_shape[0], "classes": list(ds.classes),
-                 "lr_scale": lr_scale, "rollbacks": rollbacks}
+                 "lr_scale": lr_scale, "rollbacks": rollbacks, "restarts": restarts}
         for m in (model,) if averaged is None else (model, evaluated):  # never save broken weights
             for name, t in m.state_dict().items():
                 if t.is_floating_point() and not torch.isfinite(t).all():
@@ -475,6 +479,41 @@ def train(
                        f"{cfg.run.rollback_drop:g} below the best {best:.3f}; back to step {meta['step']} "
                        f"with the learning rate x{lr_scale:g}")
         return meta["extra"].get("val") or val
+
+    def dead(val: dict[str, float]) -> bool:
+        """Rank 0's verdict of the dead-start guard on this validation, on every rank."""
+        fire = dctx.main and val["clean_acc"] < cfg.run.restart_below
+        return bool(dctx.broadcast_object(fire))
+
+    def restart(step: int, val: dict[str, float]) -> None:
+        """Draw the weights afresh (the seed's next initialization) and clear the optimizer state; the
+        schedule and the data order go on from ``step``. The dead model is not a candidate for best."""
+        nonlocal restarts
+        if restarts >= MAX_RESTARTS:
+            checkpoint(step, None)
+            raise TrainingError(
+                f"step {step}: validation clean accuracy {val['clean_acc']:.3f} is below run.restart_below="
+                f"{cfg.run.restart_below:g} after {restarts} re-initializations; the network does not start "
+                "learning (try a lower optim.lr, an eps warm-up (attack.eps_warmup_examples) or another "
+                f"run.seed); the state is in {str(out_dir / LAST)!r}"
+            )
+        restarts += 1
+        torch.manual_seed(derived_seed(cfg.run.seed, 0, restarts))
+        # (SyncBatchNorm and channels_last keep BatchNorm's state-dict keys and the weights' layout)
+        model.load_state_dict(build_model(cfg.model, ds.num_classes, ds.image_shape[0]).state_dict())
+        dctx.broadcast_parameters(model)
+        optimizer.state.clear()
+        if averaged is not None:  # the average starts again from the new weights
+            evaluated.load_state_dict(model.state_dict())
+            averaged.n_averaged.zero_()
+        log.write({"kind": "restart", "step": step, "val_clean_acc": val["clean_acc"],
+                   "val_pgd_acc": val["pgd_acc"], "restarts": restarts,
+                   "wall_s": round(wall_before + time.time() - t_start, 1)})
+        if dctx.main and progress:
+            tqdm.write(f"step {step}: validation clean accuracy {val['clean_acc']:.3f} is below "
+                       f"{cfg.run.restart_below:g} (a dead start); weights drawn afresh ({restarts} of at "
+                       f"most {MAX_RESTARTS}), optimizer state cleared")
+        checkpoint(step, None)
 
     bar = tqdm(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
                dynamic_ncols=True, desc=f"train {cfg.name}")
@@ -550,6 +589,8 @@ def train(
                         tb.add_scalar(f"val/{k}", v, done)
                 if dropped(done, last_val):  # before last is written, so a kill here redoes the rollback
                     checkpoint(done, roll_back(done, last_val))
+                elif dead(last_val):  # likewise: a kill before the new last redoes the restart
+                    restart(done, last_val)
                 else:
                     checkpoint(done, last_val)
             elif cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:

@@ -190,6 +190,26 @@ def _guarded(cfg, **run):
     return replace(cfg, run=replace(cfg.run, eval_every=1, log_every=1, rollback_drop=0.1, rollback_lr=0.5, **run))
 
 
+def _check_exact_resume(cfg, splits, tmp_path, monkeypatch, script, stop_after, kind):
+    """A run cut at ``stop_after`` and resumed ends with the weights and the records of a run that was
+    never cut; ``script()`` makes the scripted validation, one over both sessions of the cut run."""
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    monkeypatch.setattr(train_module, "evaluate_split", script())
+    train(cfg, tmp_path / "full", splits=splits, progress=False)
+    cut = script()
+    monkeypatch.setattr(train_module, "evaluate_split", cut)
+    train(cfg, tmp_path / "cut", splits=splits, progress=False, stop_after=stop_after)
+    train(cfg, tmp_path / "cut", splits=splits, progress=False, resume=True)
+    assert cut.calls == cfg.optim.steps
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "wall_s")} for r in rs]
+    for k in ("train", kind):
+        assert strip(_records(tmp_path / "full", k)) == strip(_records(tmp_path / "cut", k))
+    assert _records(tmp_path / "full", kind)
+
+
 def _records(run_dir, kind):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -233,23 +253,10 @@ def test_rollback_restores_best_and_lowers_the_lr(cfg, splits, tmp_path, monkeyp
 
 
 def test_rollback_resumes_exactly(cfg, splits, tmp_path, monkeypatch):
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
-
     guarded = _guarded(cfg)
     script = [0.5, 0.6, 0.4, 0.55, 0.45, 0.7]
-    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(script))
-    train(guarded, tmp_path / "full", splits=splits, progress=False)
-    cut = ScriptedValidation(script)  # one script over both sessions: the resumed one asks for steps 5-6
-    monkeypatch.setattr(train_module, "evaluate_split", cut)
-    train(guarded, tmp_path / "cut", splits=splits, progress=False, stop_after=4)  # after one rollback
-    train(guarded, tmp_path / "cut", splits=splits, progress=False, resume=True)
-    assert cut.calls == 6
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "wall_s")} for r in rs]
-    for kind in ("train", "rollback"):
-        assert strip(_records(tmp_path / "full", kind)) == strip(_records(tmp_path / "cut", kind))
+    _check_exact_resume(guarded, splits, tmp_path, monkeypatch, lambda: ScriptedValidation(script),
+                        stop_after=4, kind="rollback")  # cut after one rollback
 
 
 def test_rollback_waits_for_rollback_after_and_is_off_by_default(cfg, splits, tmp_path, monkeypatch):
@@ -309,19 +316,8 @@ def test_dead_start_resumes_exactly_and_gives_up_after_three(cfg, splits, tmp_pa
 
     guarded = _restarting(cfg)
     pgd, clean = [0.1, 0.1, 0.3, 0.4, 0.5, 0.6], [0.1, 0.15, 0.9, 0.9, 0.9, 0.9]  # two dead validations
-    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation(pgd, clean))
-    train(guarded, tmp_path / "full", splits=splits, progress=False)
-    cut = ScriptedValidation(pgd, clean)  # one script over both sessions
-    monkeypatch.setattr(train_module, "evaluate_split", cut)
-    train(guarded, tmp_path / "cut", splits=splits, progress=False, stop_after=1)  # between the restarts
-    train(guarded, tmp_path / "cut", splits=splits, progress=False, resume=True)
-    assert cut.calls == 6
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("examples_per_s", "wall_s")} for r in rs]
-    for kind in ("train", "restart"):
-        assert strip(_records(tmp_path / "full", kind)) == strip(_records(tmp_path / "cut", kind))
+    _check_exact_resume(guarded, splits, tmp_path, monkeypatch, lambda: ScriptedValidation(pgd, clean),
+                        stop_after=1, kind="restart")  # cut between the two restarts
     assert [r["restarts"] for r in _records(tmp_path / "full", "restart")] == [1, 2]
 
     # never learning: three restarts, then a clear error at the fourth dead validation, state kept

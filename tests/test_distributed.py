@@ -138,6 +138,38 @@ def test_resume_under_two_processes_is_exact(runs, tmp_path):
     assert strip(_metrics(root / "two")) == strip(_metrics(tmp_path / "cut"))
 
 
+GUARDED = [*TINY, "run.eval_every=1", "run.rollback_drop=0.1", "run.restart_below=0.2"]
+# the validation numbers, scripted (only rank 0 validates): step 1 is dead (a restart), step 4 falls
+# 0.2 below the best of step 3 (a rollback); the guards' decisions must reach every rank
+GUARD_SCRIPT = textwrap.dedent("""
+    import importlib, sys
+    from robustfeat.config import load_config
+    from robustfeat.train import train
+    clean, pgd = [0.1, 0.9, 0.9, 0.9, 0.9, 0.9], [0.1, 0.5, 0.6, 0.4, 0.55, 0.7]
+    calls = []
+    def scripted(*args, **kwargs):
+        calls.append(1)
+        return {{"clean_acc": clean[len(calls) - 1], "pgd_acc": pgd[len(calls) - 1]}}
+    importlib.import_module("robustfeat.train").evaluate_split = scripted
+    train(load_config("demo", overrides={overrides!r}), sys.argv[1], progress=False)
+""")
+
+
+def test_guards_act_on_every_rank(tmp_path):
+    """A restart and a rollback under two processes give the one-process run's weights and records."""
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARD_SCRIPT.format(overrides=GUARDED))
+    _torchrun([str(script), str(tmp_path / "two")], cwd=tmp_path)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], cwd=tmp_path, check=True,
+                   env={**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    guard = lambda recs: [(r["kind"], r["step"], r.get("to_step")) for r in recs if r["kind"] in ("restart", "rollback")]
+    assert guard(one) == guard(two) == [("restart", 1, None), ("rollback", 4, 3)]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert worst <= TOL, f"largest weight difference {worst:.3g}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # pieces, in one process
 

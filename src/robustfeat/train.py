@@ -582,6 +582,8 @@ def train(
             bar.update(1)
             if done % cfg.run.eval_every == 0 or done == total:
                 last_val = evaluate_split(evaluated, cfg, x_val, y_val, device) if dctx.main else {}
+                if cfg.run.rollback_drop > 0 or cfg.run.restart_below > 0:  # [distributed] the guards
+                    last_val = dctx.broadcast_object(last_val)  # act, and log, on rank 0's numbers everywhere
                 log.write({"kind": "eval", "step": done, "split": "val", "n": len(y_val), **last_val,
                            "wall_s": round(wall_before + time.time() - t_start, 1)})
                 if tb is not None:

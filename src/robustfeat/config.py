@@ -323,8 +323,9 @@ class RunConfig:
     rollback_lr: float = 0.5
     """Factor applied to the learning rate at each rollback, in (0, 1]."""
     rollback_after: int = 0
-    """First step whose validation may trigger a rollback (earlier ones, still near chance and noisy,
-    only update the best)."""
+    """First step whose validation may trigger a rollback, and the first whose best is a state to go
+    back to: earlier validations, still near chance and noisy, only update the best, and while the best
+    is one of them no drop rolls back."""
     restart_below: float = 0.0
     """Beyond the paper, a guard against dead starts: when a periodic validation's clean accuracy is
     below this (e.g. 0.2 on 10 classes: the network gives one class for every image), the weights are

@@ -16,8 +16,8 @@ With ``optim.ema`` > 0, an exponential moving average of the weights is kept bes
 validation measures and what ``best`` and ``last`` hold as their model (``last`` also keeps the
 trained weights, to resume).
 
-With ``run.rollback_drop`` > 0, a validation whose PGD accuracy falls that far below the best sends
-the run back to ``best`` (weights and optimizer state, which ``best`` then also stores) with its
+With ``run.rollback_drop`` > 0, a validation whose PGD accuracy falls that far below the best (both
+from step ``run.rollback_after`` on) sends the run back to ``best`` (weights and optimizer state, which ``best`` then also stores) with its
 learning rate scaled by ``run.rollback_lr``; the scale is kept in ``last``, so a resumed run goes on
 with it. With ``run.restart_below`` > 0, a validation whose clean accuracy is below it (a dead start:
 one class for every image) draws the weights afresh from a new seed and clears the optimizer state.
@@ -47,6 +47,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write_text,
     load_into,
+    read_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
 )
@@ -373,7 +374,7 @@ def train(
     spec = METHODS.get(cfg.method.name)
     lam = cfg.lam
 
-    start_step, best = 0, -1.0
+    start_step, best, best_step = 0, -1.0, -1  # best validation PGD accuracy so far and its step
     lr_scale, rollbacks = 1.0, 0  # changed only by the rollback guard (run.rollback_drop)
     restarts = 0  # changed only by the dead-start guard (run.restart_below)
     if resume and (out_dir / LAST).exists():
@@ -391,6 +392,11 @@ def train(
             raise CheckpointError(f"{str(out_dir / LAST)!r} has damaged metadata (step {start_step}, "
                                   f"best_val_pgd {best!r})")
         best = float(best)
+        best_step = meta["extra"].get("best_step")
+        if best_step is None:  # written before best_step was kept: best's own step
+            best_step = read_checkpoint(out_dir / BEST)[1]["step"] if best >= 0 and (out_dir / BEST).exists() else -1
+        if isinstance(best_step, bool) or not isinstance(best_step, int) or not -1 <= best_step <= start_step:
+            raise CheckpointError(f"{str(out_dir / LAST)!r} has damaged metadata (best_step {best_step!r})")
         lr_scale, rollbacks = meta["extra"].get("lr_scale", 1.0), meta["extra"].get("rollbacks", 0)
         restarts = meta["extra"].get("restarts", 0)
         if (isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not 0 < lr_scale <= 1
@@ -429,14 +435,14 @@ def train(
     last_val: dict[str, float] = {}
 
     def checkpoint(step: int, val: dict[str, float] | None) -> None:
-        nonlocal best
+        nonlocal best, best_step
         if not dctx.main:  # [distributed] the other ranks wait for rank 0's evaluation and checkpoint
             dctx.barrier()
             return
         improved = val is not None and val["pgd_acc"] > best
         if improved:
-            best = val["pgd_acc"]
-        extra = {"best_val_pgd": best, "val": val, "num_classes": ds.num_classes,
+            best, best_step = val["pgd_acc"], step
+        extra = {"best_val_pgd": best, "best_step": best_step, "val": val, "num_classes": ds.num_classes,
                  "in_channels": ds.image_shape[0], "classes": list(ds.classes),
                  "lr_scale": lr_scale, "rollbacks": rollbacks, "restarts": restarts}
         for m in (model,) if averaged is None else (model, evaluated):  # never save broken weights
@@ -458,9 +464,11 @@ def train(
         dctx.barrier()
 
     def dropped(step: int, val: dict[str, float]) -> bool:
-        """Rank 0's verdict of the rollback guard on this validation, on every rank."""
-        drop = cfg.run.rollback_drop
-        fire = (dctx.main and drop > 0 and step >= cfg.run.rollback_after and best >= 0
+        """Rank 0's verdict of the rollback guard on this validation, on every rank. Only a best from
+        rollback_after on is a state to go back to: an earlier one is still near chance (with a lower lr
+        a seed can sit at 21% PGD accuracy at step 1,000 and 13% at step 4,000)."""
+        drop, after = cfg.run.rollback_drop, cfg.run.rollback_after
+        fire = (dctx.main and drop > 0 and step >= after and best_step >= after
                 and val["pgd_acc"] < best - drop)
         return bool(dctx.broadcast_object(fire))
 

@@ -254,20 +254,15 @@ def test_rollback_restores_best_and_lowers_the_lr(cfg, splits, tmp_path, monkeyp
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
-def test_rollback_resumes_exactly(cfg, splits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("old_last", [False, True])
+def test_rollback_resumes_exactly(cfg, splits, tmp_path, monkeypatch, old_last):
+    """Cut after one rollback and resumed; with ``old_last``, the cut run's ``last`` is one written
+    before best_step was kept, and the resumed run takes best's own step as the best's step."""
     guarded = _guarded(cfg)
     script = [0.5, 0.6, 0.4, 0.55, 0.45, 0.7]
+    last = tmp_path / "cut/checkpoints/last.safetensors"
     _check_exact_resume(guarded, splits, tmp_path, monkeypatch, lambda: ScriptedValidation(script),
-                        stop_after=4, kind="rollback")  # cut after one rollback
-
-
-def test_rollback_resumes_a_checkpoint_without_best_step(cfg, splits, tmp_path, monkeypatch):
-    """A ``last`` written before best_step was kept resumes with best's own step as the best's step."""
-    guarded = _guarded(cfg)
-    script = [0.5, 0.6, 0.4, 0.55, 0.45, 0.7]
-    cut = tmp_path / "cut"
-    _check_exact_resume(guarded, splits, tmp_path, monkeypatch, lambda: ScriptedValidation(script),
-                        stop_after=4, kind="rollback", between=lambda: _drop_best_step(cut / "checkpoints/last.safetensors"))
+                        stop_after=4, kind="rollback", between=lambda: old_last and _drop_best_step(last))
 
 
 def _drop_best_step(path):

@@ -19,8 +19,9 @@ trained weights, to resume).
 With ``run.rollback_drop`` > 0, a validation whose PGD accuracy falls that far below the best (both
 from step ``run.rollback_after`` on) sends the run back to ``best`` (weights and optimizer state, which
 ``best`` then also stores) with its learning rate scaled by ``run.rollback_lr``; the scale is kept in
-``last``, so a resumed run goes on with it. With ``run.restart_below`` > 0, a validation whose clean accuracy is below it (a dead start:
-one class for every image) draws the weights afresh from a new seed and clears the optimizer state.
+``last``, so a resumed run goes on with it. With ``run.restart_below`` > 0, a validation whose clean
+accuracy is below it (a dead start: one class for every image) draws the weights afresh from a new
+seed and clears the optimizer state.
 """
 
 from __future__ import annotations

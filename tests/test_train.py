@@ -266,14 +266,42 @@ def test_rollback_resumes_exactly(cfg, splits, tmp_path, monkeypatch, old_last):
 
 
 def _drop_best_step(path):
+    _edit_extra(path, lambda extra: extra.pop("best_step") == 2)
+
+
+def _edit_extra(path, edit):
+    """Rewrites the checkpoint's ``extra`` metadata in place; ``edit`` changes the dict and returns
+    whether the old content was as expected."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     extra = json.loads(meta["extra"])
-    assert extra.pop("best_step") == 2
+    assert edit(extra)
     save_file(load_file(str(path)), str(path), metadata={**meta, "extra": json.dumps(extra)})
+
+
+@pytest.mark.parametrize("bad", ["2", 2.0, True, -2, 99])
+def test_resume_refuses_a_damaged_best_step(cfg, splits, tmp_path, monkeypatch, bad):
+    """A best_step that is no step of this run (a string, a float, a bool, below -1, past the resumed
+    step) would aim the rollback guard at a wrong state: the resume stops and names the file."""
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    from robustfeat.checkpoint import CheckpointError
+
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation([0.5, 0.6, 0.4, 0.55, 0.45, 0.7]))
+    run = tmp_path / "cut"
+    train(_guarded(cfg), run, splits=splits, progress=False, stop_after=4)
+    last = run / "checkpoints/last.safetensors"
+
+    def damage(extra):
+        ok = extra["best_step"] == 2
+        extra["best_step"] = bad
+        return ok
+
+    _edit_extra(last, damage)
+    with pytest.raises(CheckpointError, match=rf"last\.safetensors.* has damaged metadata \(best_step {bad!r}\)"):
+        train(_guarded(cfg), run, splits=splits, progress=False, resume=True)
 
 
 def test_rollback_waits_for_rollback_after_and_is_off_by_default(cfg, splits, tmp_path, monkeypatch):

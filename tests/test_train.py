@@ -61,7 +61,14 @@ def test_existing_run_is_not_overwritten(cfg, splits, tmp_path):
         train(cfg, tmp_path / "r", splits=splits, progress=False)
 
 
-def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
+def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(url, *args, **kwargs):  # the data directory is empty and there is no network
+        raise urllib.error.URLError("offline in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     out = tmp_path / "never"
     assert main(["train", "--preset", "mnist-atreg", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -70,7 +77,9 @@ def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     assert "optim.lr=-1 is invalid" in capsys.readouterr().err
     assert main(["train", "--preset", "mnist-at", "--out", str(out), "--data-dir", str(tmp_path / "nodata"),
                  "optim.steps=1"]) == 2
-    assert "nodata" in capsys.readouterr().err or True
+    err = capsys.readouterr().err
+    assert "could not download" in err and "offline in this test" in err and err.count("\n") == 1
+    assert str(tmp_path / "nodata") in err  # the error says where the files were looked for
     assert not out.exists()
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

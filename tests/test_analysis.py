@@ -226,6 +226,12 @@ def test_classifier_sees_maps_prepared_like_its_training_images():
     acc = gradient_map_accuracy(model, clf, x, y, batch_size=3)
     assert set(acc) == {"clipped", "raw"} and all(0 <= a <= 1 for a in acc.values())
     assert len(clf.seen) == 4  # two batches x (clipped, raw)
+    g = gradient_maps(model, images, y)  # the accuracies are the classifier's on the split's maps
+    clf.eval()  # (the call put the recorder back in its training mode, and the network with it)
+    with torch.no_grad():
+        for v in ("clipped", "raw"):
+            want = (clf.inner(prepare_maps(g, clip=v == "clipped")).argmax(1) == y).float().mean().item()
+            assert acc[v] == pytest.approx(want), v
     for m in clf.seen:
         assert m.dtype == images.dtype and m.dim() == 4 and m.shape[1:] == images.shape[1:]
         assert m.min() >= 0 and m.max() <= 1

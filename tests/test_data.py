@@ -567,6 +567,10 @@ def test_loader_deterministic_and_stateless(augment):
     assert not torch.equal(c.batch(7)[0], xa)
     if not augment:
         assert torch.equal(xa, x[ya].float() / 255)
+    else:  # each image is one of its pad-4 crops and flips, and the batch is not the plain images
+        assert not torch.equal(xa, x[ya].float() / 255)
+        for img, label in zip(xa, ya):
+            assert any(torch.equal(img, crop.float() / 255) for crop in _all_crops(x[label], 4))
 
 
 def test_loader_epoch_coverage():

@@ -64,10 +64,11 @@ def test_bf16_loss_and_gradients_match_fp32(cfg, batch, one_thread):
 def test_bf16_attack_keeps_its_guarantees_and_its_strength(cfg, batch, one_thread):
     model, x, y = batch
     a = dataclasses.replace(cfg.attack, eps=0.3, step_size=0.05, steps=10)
-    out = {}
+    out, advs = {}, {}
     for prec in ("fp32", "bf16"):
         with training_autocast(_run(cfg, precision=prec), CPU, attack=True):
             x_adv = attack_from_config(model, x, y, a, generator=torch.Generator().manual_seed(0), keep_best=False)
+        advs[prec] = x_adv
         assert x_adv.dtype == torch.float32
         assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         with torch.no_grad():
@@ -77,35 +78,49 @@ def test_bf16_attack_keeps_its_guarantees_and_its_strength(cfg, batch, one_threa
     # the bf16 adversary raises the (fp32) loss as much as the fp32 one, up to a few percent
     assert out["bf16"] > clean + 0.5 * (out["fp32"] - clean)
     assert out["bf16"] == pytest.approx(out["fp32"], rel=5e-2)
+    assert not torch.equal(advs["bf16"], advs["fp32"])  # the attack's passes really ran in bf16
 
 
 def test_attack_fp32_crafts_exactly_the_fp32_adversary(cfg, batch, one_thread):
     model, x, y = batch
     advs = []
-    for run in (_run(cfg), _run(cfg, precision="bf16", attack_fp32=True)):
+    for run in (_run(cfg), _run(cfg, precision="bf16", attack_fp32=True), _run(cfg, precision="bf16")):
         with training_autocast(run, CPU, attack=True):
             advs.append(attack_from_config(model, x, y, cfg.attack, generator=torch.Generator().manual_seed(3),
                                            keep_best=False))
     assert torch.equal(advs[0], advs[1])
+    assert not torch.equal(advs[0], advs[2])  # without attack_fp32 the bf16 adversary is another one
 
 
-def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_path, one_thread):
+def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_path, one_thread, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    validate, under_autocast = train_module.evaluate_split, []
+
+    def spy(*args, **kwargs):  # records whether a validation ran under autocast
+        under_autocast.append(torch.is_autocast_enabled("cpu"))
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_split", spy)
     c = load_config("demo", overrides=[*TINY, "run.precision=bf16"])
     res = train(c, tmp_path / "r", splits=splits, progress=False)
+    assert under_autocast == [False]  # one validation (step 4), in fp32
     assert res.step == 4
     w = load_file(str(tmp_path / "r/checkpoints/last.safetensors"))
     assert all(t.dtype in (torch.float32, torch.int64) for t in w.values())
-    ref = train(cfg, tmp_path / "ref", splits=splits, progress=False)
+    train(cfg, tmp_path / "ref", splits=splits, progress=False)
     # four Adam steps (lr 1e-3, each moving a weight by about lr) from the same initialisation: the bf16
     # run's weights differ from the fp32 run's by a fraction of one step on average, never by more
     # than the 4 steps could move them
     wr = load_file(str(tmp_path / "ref/checkpoints/last.safetensors"))
     lr = c.optim.lr
-    for k, t in w.items():
-        if k.startswith("model.") and t.is_floating_point():
-            d = (t - wr[k]).abs()
-            assert d.max() < 2 * 4 * lr and d.mean() < 0.5 * lr, (k, d.max(), d.mean())
-    assert 0 <= res.last_val["pgd_acc"] <= 1 and ref.last_val["pgd_acc"] >= 0
+    weights = [k for k, t in w.items() if k.startswith("model.") and t.is_floating_point()]
+    for k in weights:
+        d = (w[k] - wr[k]).abs()
+        assert d.max() < 2 * 4 * lr and d.mean() < 0.5 * lr, (k, d.max(), d.mean())
+    assert any(not torch.equal(w[k], wr[k]) for k in weights)  # the steps really ran in bf16
+    assert set(res.last_val) == {"clean_acc", "pgd_acc"}
 
 
 def test_configs_saved_before_a_new_key_still_match():

@@ -457,10 +457,14 @@ def test_non_finite_loss_stops_with_step_and_parts_and_keeps_the_checkpoint(cfg,
 
 def test_exploding_learning_rate_is_caught_before_a_bad_checkpoint(splits, tmp_path):
     cfg = load_config("demo", overrides=[*TINY, "optim.lr=1e30", "run.checkpoint_every=1"])
-    with pytest.raises(TrainingError, match="non-finite"):
+    with pytest.raises(TrainingError, match="non-finite loss at step 1") as ei:
         train(cfg, tmp_path / "r", splits=splits, progress=False)
-    if (tmp_path / "r" / LAST).exists():  # whatever was kept is loadable and finite
-        load_model(tmp_path / "r", "last")
+    # the first update (by about 1e30) still gave finite weights, saved at step 1; the second step's
+    # loss is NaN and is refused before it is applied or saved: what is kept is step 1, loadable, finite
+    assert str(tmp_path / "r" / LAST) in str(ei.value)
+    assert read_checkpoint(tmp_path / "r" / LAST)[1]["step"] == 1
+    model = load_model(tmp_path / "r", "last")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def _count_steps(monkeypatch) -> dict[str, int]:
@@ -697,10 +701,6 @@ def test_bad_input_catalogue(name, good_run, tmp_path, monkeypatch, capsys):
     assert after == before, f"{name} changed files"
     assert _snapshot(good_run) == good_before
     assert not (work / "PWNED").exists()
-
-
-def test_catalogue_is_large_enough():
-    assert len(CATALOGUE) >= 30
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from torch import nn
 from robustfeat import suite
 from robustfeat.attacks import cw_margin_loss, pgd
 from robustfeat.cli import main
+from robustfeat.config import ConfigError
 from robustfeat.evaluate import InvalidAdversary
 from robustfeat.suite import Row, evaluate_model, masking_checks, pgd_budgets, suite_rows
 
@@ -214,7 +215,7 @@ def test_black_box_uses_only_the_source_gradients(tiny):
     with torch.no_grad():
         expected[idx] = target(x_adv).argmax(1) == y[idx]
     assert torch.equal(res["per_example"]["blackbox/pgd-4"], expected)
-    with pytest.raises(Exception, match="source"):
+    with pytest.raises(ConfigError, match=r"black-box rows need a source model \(--source RUN_DIR\)"):
         evaluate_model(target, x, y, eps=EPS, step_size=STEP, rows=rows, progress=False)
 
 

@@ -392,3 +392,32 @@ def test_dead_start_resumes_exactly_and_gives_up_after_three(cfg, splits, tmp_pa
     monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation([0.1] * 6, [0.1] * 6))
     train(replace(cfg, run=replace(cfg.run, eval_every=1)), tmp_path / "off", splits=splits, progress=False)
     assert _records(tmp_path / "off", "restart") == []
+
+
+def test_eps_final_ramps_the_training_attack_over_the_end_of_the_run(splits, tmp_path):
+    from robustfeat.config import ConfigError, load_config
+    from robustfeat.train import attack_strength
+
+    base = ["optim.steps=10", "attack.eps=0.3", "attack.step_size=0.3", "attack.eps_warmup_examples=0"]
+    plain = load_config("demo", overrides=base)
+    assert [attack_strength(plain, s) for s in (0, 9)] == [(0.3, 0.3), (0.3, 0.3)]  # off by default
+    ramp = load_config("demo", overrides=[*base, "attack.eps_final=0.4", "attack.eps_final_from=0.5"])
+    eps = [attack_strength(ramp, s)[0] for s in range(10)]
+    # steps 0-4 at 0.3; then linear to 0.4 at the last step (step s+1 of 10, ramp over steps 5-10)
+    assert eps == pytest.approx([0.3] * 5 + [0.3 + 0.1 * k / 5 for k in range(1, 6)])
+    assert all(a == pytest.approx(e) for e, a in (attack_strength(ramp, s) for s in range(10)))  # alpha = eps
+    both = load_config("demo", overrides=[*base, "attack.eps_final=0.4", "attack.eps_warmup_examples=100",
+                                          "optim.batch_size=50"])  # warm-up over steps 0-1
+    assert attack_strength(both, 0)[0] == pytest.approx(0.15)
+    assert attack_strength(both, 9)[0] == pytest.approx(0.4)
+    for bad, msg in (("attack.eps_final=-0.1", "attack.eps_final=-0.1 is invalid"),
+                     ("attack.eps_final=1.5", r"a number in \[0, 1\]"),
+                     ("attack.eps_final_from=1", r"a fraction of the run in \[0, 1\)")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config("demo", overrides=[*base, bad])
+    # the run's training records carry the ramped eps
+    cfg = load_config("demo", overrides=[*TINY, "attack.eps_final=0.4", "attack.eps_final_from=0.5"])
+    train(cfg, tmp_path / "r", splits=splits, progress=False)
+    recs = _records(tmp_path / "r", "train")
+    assert [r["eps"] for r in recs] == pytest.approx([attack_strength(cfg, r["step"] - 1)[0] for r in recs])
+    assert recs[-1]["eps"] == pytest.approx(0.4)

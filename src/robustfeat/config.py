@@ -201,9 +201,24 @@ class TrainAttackConfig(AttackConfig):
     et al.'s FGSM-RS reference code does. On MNIST, where most pixels are 0 or 1, clipping removes about
     half of the start noise. Every iterate after a step is still clipped to [0, 1]. Training only."""
 
+    eps_final: float = 0.0
+    """Beyond the paper, for single-step training: from ``eps_final_from`` of the run on, ramp the
+    training eps (and the step size with it) linearly from ``eps`` to ``eps_final`` at the last step.
+    0 = off. Validation and evaluation keep ``eval_attack.eps``."""
+    eps_final_from: float = 0.4
+    """Fraction of optim.steps where the eps_final ramp starts (0.4: the one-cycle lr's peak)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _int("attack.eps_warmup_examples", self.eps_warmup_examples, 0)
+        _num("attack.eps_final", self.eps_final, 0.0)
+        if self.eps_final > 1:
+            _fail("attack.eps_final", self.eps_final, "a number in [0, 1] (0 = off)")
+        _num("attack.eps_final_from", self.eps_final_from, 0.0)
+        if self.eps_final_from >= 1:
+            _fail("attack.eps_final_from", self.eps_final_from, "a fraction of the run in [0, 1)")
+        if self.eps_final > 0 and self.eps <= 0:
+            _fail("attack.eps_final", self.eps_final, "0 when attack.eps is 0")
         _num("attack.start_scale", self.start_scale, 0.0)
         _bool("attack.project", self.project)
         _bool("attack.clip_start", self.clip_start)

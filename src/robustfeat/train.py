@@ -91,12 +91,17 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 def attack_strength(cfg: Config, step: int) -> tuple[float, float]:
-    """(eps, step_size) of the training attack at ``step``, ramped linearly during the warm-up."""
+    """(eps, step_size) of the training attack at ``step``: ramped up from 0 during the warm-up, and
+    from eps towards ``attack.eps_final`` over the end of the run; the step size keeps its ratio."""
     a = cfg.attack
-    if a.eps_warmup_examples <= 0:
-        return a.eps, a.step_size
-    frac = min(1.0, (step + 1) * cfg.optim.batch_size / a.eps_warmup_examples)
-    return a.eps * frac, a.step_size * frac
+    scale = 1.0
+    if a.eps_warmup_examples > 0:
+        scale = min(1.0, (step + 1) * cfg.optim.batch_size / a.eps_warmup_examples)
+    if a.eps_final > 0:
+        start = a.eps_final_from * cfg.optim.steps
+        frac = min(1.0, max(0.0, (step + 1 - start) / (cfg.optim.steps - start)))
+        scale *= 1.0 + (a.eps_final / a.eps - 1.0) * frac
+    return a.eps * scale, a.step_size * scale
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -395,6 +395,7 @@ def test_dead_start_resumes_exactly_and_gives_up_after_three(cfg, splits, tmp_pa
 
 
 def test_eps_final_ramps_the_training_attack_over_the_end_of_the_run(splits, tmp_path):
+    from robustfeat.api import describe_config
     from robustfeat.config import ConfigError, load_config
     from robustfeat.train import attack_strength
 
@@ -402,6 +403,8 @@ def test_eps_final_ramps_the_training_attack_over_the_end_of_the_run(splits, tmp
     plain = load_config("demo", overrides=base)
     assert [attack_strength(plain, s) for s in (0, 9)] == [(0.3, 0.3), (0.3, 0.3)]  # off by default
     ramp = load_config("demo", overrides=[*base, "attack.eps_final=0.4", "attack.eps_final_from=0.5"])
+    assert "then from 50% of the run towards eps=0.4 at its end" in describe_config(ramp)
+    assert "towards" not in describe_config(plain)
     eps = [attack_strength(ramp, s)[0] for s in range(10)]
     # steps 0-4 at 0.3; then linear to 0.4 at the last step (step s+1 of 10, ramp over steps 5-10)
     assert eps == pytest.approx([0.3] * 5 + [0.3 + 0.1 * k / 5 for k in range(1, 6)])

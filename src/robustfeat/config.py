@@ -204,7 +204,9 @@ class TrainAttackConfig(AttackConfig):
     eps_final: float = 0.0
     """Beyond the paper, for single-step training: from ``eps_final_from`` of the run on, ramp the
     training eps (and the step size with it) linearly from ``eps`` to ``eps_final`` at the last step.
-    0 = off. Validation and evaluation keep ``eval_attack.eps``."""
+    0 = off. Validation and evaluation keep ``eval_attack.eps``. Measured on MNIST's fast budget
+    (results/fast-mnist-fgsm, session 10): 0.4 lowered test PGD-40 at eps 0.3 (seed 1: 87.70% against
+    88.31% for the same run without it, p = 0.008)."""
     eps_final_from: float = 0.4
     """Fraction of optim.steps where the eps_final ramp starts (0.4: the one-cycle lr's peak)."""
 

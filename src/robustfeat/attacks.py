@@ -112,6 +112,7 @@ def pgd(
     start_scale: float = 1.0,
     project: bool = True,
     clip_start: bool = True,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """l_inf PGD (Madry et al. 2017): x' <- clip_{x, eps}(x' + step_size * sign(grad_x' loss)).
 
@@ -129,6 +130,8 @@ def pgd(
             in +-start_scale * eps; (project=False) iterates clipped to [0, 1] only, not to the eps-ball;
             (clip_start=False) the first gradient taken at the random start before it is clipped to
             [0, 1]. Every returned iterate is clipped either way.
+        start: an explicit starting perturbation (B, C, H, W) in place of the random start (one restart;
+            training's ``attack.carry``). It is added as given: the caller keeps it within eps.
     Returns:
         x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
     """
@@ -138,6 +141,7 @@ def pgd(
         model, x, y, eps=eps, step_size=step_size, budgets=[steps], restarts=restarts,
         random_start=random_start, loss=loss, bn_mode=bn_mode, generator=generator,
         keep_best=keep_best, noise=noise, start_scale=start_scale, project=project, clip_start=clip_start,
+        start=start,
     )[steps]
 
 
@@ -159,6 +163,7 @@ def pgd_budgets(
     start_scale: float = 1.0,
     project: bool = True,
     clip_start: bool = True,
+    start: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """{k: the adversary of ``pgd(..., steps=k)``} for every k in ``budgets``, from one run.
 
@@ -184,13 +189,19 @@ def pgd_budgets(
     if not clip_start and track:  # an unclipped start must never be returned as an adversary
         raise ValueError("clip_start=False is for training adversaries only (one budget, one restart, "
                          "keep_best=False)")
-    if random_start and noise is None:
+    if start is not None and (restarts != 1 or tuple(start.shape) != tuple(x.shape)):
+        raise ValueError(f"start has shape {tuple(start.shape)} with {restarts} restarts; expected one start of "
+                         f"the images' shape {tuple(x.shape)}")
+    if start is None and random_start and noise is None:
         noise = start_noise(x.shape, restarts, generator=generator, device=x.device, dtype=x.dtype)
-    if random_start and tuple(noise.shape) != (restarts, *x.shape):
+    if start is None and random_start and tuple(noise.shape) != (restarts, *x.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(restarts, *x.shape)}")
     with attack_mode(model, bn_mode):
         for r in range(restarts):
-            x_adv = x + (2.0 * noise[r] - 1.0) * (eps * start_scale) if random_start else x.clone()
+            if start is not None:
+                x_adv = x + start.to(x.dtype)
+            else:
+                x_adv = x + (2.0 * noise[r] - 1.0) * (eps * start_scale) if random_start else x.clone()
             if clip_start:
                 x_adv.clamp_(0.0, 1.0)
             for t in range(top + 1):
@@ -234,6 +245,7 @@ def attack_from_config(
     eps: float | None = None,
     step_size: float | None = None,
     noise: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the attack an ``AttackConfig`` describes (eps / step_size may be overridden, for warm-ups)."""
     return pgd(
@@ -253,4 +265,5 @@ def attack_from_config(
         start_scale=getattr(cfg, "start_scale", 1.0),  # training attacks only (TrainAttackConfig)
         project=getattr(cfg, "project", True),
         clip_start=getattr(cfg, "clip_start", True),
+        start=start,
     )

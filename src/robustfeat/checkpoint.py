@@ -150,8 +150,10 @@ def save_checkpoint(
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
     train_model: torch.nn.Module | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Atomically write model (+ optimizer) state at ``step``; ``extra`` is any JSON-able dict.
+    """Atomically write model (+ optimizer) state at ``step``; ``extra`` is any JSON-able dict and
+    ``state`` further tensors of the run (saved under their own names, e.g. ``carry.delta``).
 
     With a weight average (``optim.ema``), ``model`` is the averaged model, the one every reader
     evaluates, and ``train_model`` the weights the optimizer steps, stored as ``train.*`` for resuming.
@@ -166,6 +168,10 @@ def save_checkpoint(
         "extra": json.dumps(extra or {}),
         "torch": torch.__version__,
     }
+    for name, t in (state or {}).items():
+        if name.split(".", 1)[0] in ("model", "train", "optim"):
+            raise ValueError(f"state tensor name {name!r} collides with the checkpoint's own prefixes")
+        tensors[name] = t.detach().cpu().contiguous()
     if optimizer is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)

@@ -209,6 +209,13 @@ class TrainAttackConfig(AttackConfig):
     88.31% for the same run without it, p = 0.008)."""
     eps_final_from: float = 0.4
     """Fraction of optim.steps where the eps_final ramp starts (0.4: the one-cycle lr's peak)."""
+    carry: bool = False
+    """Beyond the paper, for single-step training: start each training image's attack from the
+    perturbation it ended with on its previous visit (one epoch earlier), clipped to the current eps,
+    instead of a fresh random start; an image's first visit keeps the random start. The single steps
+    of successive epochs then add up to a multi-step adversary at FGSM's cost (the epoch prior of
+    ATTA, Zheng et al. 2020, and FGSM-EP, Jia et al. 2022). The perturbations (one per training image,
+    float16) are kept in memory and in the ``last`` checkpoint. One process only."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,6 +233,11 @@ class TrainAttackConfig(AttackConfig):
         _bool("attack.clip_start", self.clip_start)
         if not self.clip_start and (self.steps < 1 or self.restarts != 1):
             _fail("attack.clip_start", self.clip_start, "true unless attack.steps >= 1 and attack.restarts = 1")
+        _bool("attack.carry", self.carry)
+        if self.carry and (self.steps < 1 or self.restarts != 1 or not self.random_start or not self.project):
+            _fail("attack.carry", self.carry, "false unless attack.steps >= 1, attack.restarts = 1, "
+                  "attack.random_start = true (an image's first visit starts at random) and attack.project = "
+                  "true (a carried start is clipped to the eps-ball)")
 
 
 @dataclass(frozen=True)
@@ -418,6 +430,9 @@ class Config:
             raise ConfigError(f"model.name={self.model.name!r} expects 32x32 colour images, not MNIST")
         if self.data.name.startswith("cifar") and self.model.name.startswith("mnist"):
             raise ConfigError(f"model.name={self.model.name!r} expects 28x28 MNIST images, not CIFAR")
+        if self.attack.carry and self.data.augment:
+            raise ConfigError("attack.carry=true with data.augment=true: a carried perturbation belongs to "
+                              "last epoch's crop and flip of the image, not this epoch's; set one of them false")
 
     @property
     def lam(self) -> float:

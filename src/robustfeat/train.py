@@ -22,6 +22,9 @@ from step ``run.rollback_after`` on) sends the run back to ``best`` (weights and
 ``last``, so a resumed run goes on with it. With ``run.restart_below`` > 0, a validation whose clean
 accuracy is below it (a dead start: one class for every image) draws the weights afresh from a new
 seed and clears the optimizer state.
+
+With ``attack.carry``, each training image's attack starts where its attack of the previous epoch
+ended (``CarriedStarts``); those perturbations are part of ``last``, so a resumed run goes on exactly.
 """
 
 from __future__ import annotations
@@ -261,6 +264,44 @@ def _remove_created(d: Path | None) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+class CarriedStarts:
+    """The starts of ``attack.carry``: per training image, the perturbation its last attack ended with.
+
+    Kept as float16 on the training device (MNIST's 55,000 images: 86 MB); an image not yet visited
+    (or visited before a dead-start restart) takes the usual random start instead.
+    """
+
+    def __init__(self, n: int, image_shape: tuple[int, ...], device: torch.device):
+        self.delta = torch.zeros((n, *image_shape), dtype=torch.float16, device=device)
+        self.seen = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def starts(self, idx: torch.Tensor, random_delta: torch.Tensor, eps: float) -> torch.Tensor:
+        """The start perturbations of the images ``idx``: the carried ones clipped to the current eps
+        (it grows during a warm-up), ``random_delta`` for images without one."""
+        carried = self.delta[idx].to(random_delta.dtype).clamp_(-eps, eps)
+        return torch.where(self.seen[idx].view(-1, *([1] * (random_delta.dim() - 1))), carried, random_delta)
+
+    def store(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        self.delta[idx] = delta.to(torch.float16)
+        self.seen[idx] = True
+
+    def forget(self) -> None:
+        self.seen.zero_()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"carry.delta": self.delta, "carry.seen": self.seen}
+
+    def load(self, path: Path) -> None:
+        tensors = read_checkpoint(path)[0]
+        got = {k: tensors.get(k) for k in ("carry.delta", "carry.seen")}
+        if any(t is None or t.shape != ref.shape or t.dtype != ref.dtype
+               for t, ref in zip(got.values(), (self.delta, self.seen))):
+            raise CheckpointError(f"{str(path)!r} holds no carried attack starts of this training split "
+                                  "(attack.carry); it was not written by this config")
+        self.delta.copy_(got["carry.delta"])
+        self.seen.copy_(got["carry.seen"])
+
+
 def checkpoint_bytes(cfg: Config, splits: Splits) -> int:
     """Bytes of the ``last`` and ``best`` checkpoints of this run (the model is built on the meta
     device, so nothing is allocated)."""
@@ -270,7 +311,10 @@ def checkpoint_bytes(cfg: Config, splits: Splits) -> int:
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     state_per_param = 2 if cfg.optim.name == "adam" else 1  # Adam: two moments; SGD: momentum
     resumable = model_bytes * (1 + state_per_param + (1 if cfg.optim.ema > 0 else 0))  # + train.* with EMA
-    return resumable + (resumable if cfg.run.rollback_drop > 0 else model_bytes)
+    carried = 0
+    if cfg.attack.carry:  # float16 perturbations and a bool per training image, in last only
+        carried = len(splits.y_train) * (2 * int(torch.tensor(splits.x_train.shape[1:]).prod()) + 1)
+    return resumable + carried + (resumable if cfg.run.rollback_drop > 0 else model_bytes)
 
 
 def check_free_space(out_dir: Path, need_bytes: int) -> None:
@@ -414,6 +458,14 @@ def train(
         splits.x_train, splits.y_train, batch_size=cfg.optim.batch_size, device=device,
         augment=cfg.data.augment, seed=cfg.run.seed, channels_last=cfg.run.channels_last,
     )
+    carry = None
+    if cfg.attack.carry and spec.adversarial:
+        if dctx.active:
+            raise TrainingError("attack.carry keeps every training image's perturbation in one process; "
+                                "it does not support torchrun (run it in one process or set attack.carry=false)")
+        carry = CarriedStarts(len(splits.y_train), tuple(splits.x_train.shape[1:]), device)
+        if resume and (out_dir / LAST).exists():
+            carry.load(out_dir / LAST)
     n_eval = len(splits.y_val) if cfg.run.eval_size == 0 else min(cfg.run.eval_size, len(splits.y_val))
     x_val, y_val = splits.x_val[:n_eval], splits.y_val[:n_eval]
 
@@ -466,7 +518,7 @@ def train(
             save_checkpoint(out_dir / BEST, evaluated, optimizer if guarded else None, step=step,
                             config=cfg.to_dict(), extra=extra, train_model=train_model if guarded else None)
         save_checkpoint(out_dir / LAST, evaluated, optimizer, step=step, config=cfg.to_dict(), extra=extra,
-                        train_model=train_model)
+                        train_model=train_model, state=None if carry is None else carry.tensors())
         dctx.barrier()
 
     def dropped(step: int, val: dict[str, float]) -> bool:
@@ -517,6 +569,8 @@ def train(
         model.load_state_dict(build_model(cfg.model, ds.num_classes, ds.image_shape[0]).state_dict())
         dctx.broadcast_parameters(model)
         optimizer.state.clear()
+        if carry is not None:  # the dead model's perturbations are no start for the new one
+            carry.forget()
         if averaged is not None:  # the average starts again from the new weights
             evaluated.load_state_dict(model.state_dict())
             averaged.n_averaged.zero_()
@@ -540,19 +594,25 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = loader.batch(step)
-            x_adv, noise = None, None
+            x_adv, noise, start = None, None, None
             eps, alpha = attack_strength(cfg, step)
             if spec.adversarial:
                 gen.manual_seed(derived_seed(cfg.run.seed, ATTACK_STREAM, step))
                 if dctx.active and cfg.attack.random_start:  # [distributed] the global batch's starts
                     noise = start_noise(x.shape, cfg.attack.restarts, generator=gen, device=device)
                     noise = dctx.shard(noise, dim=1)
+                if carry is not None:  # the same draws the attack would make, for first visits
+                    idx = loader.indices(step)
+                    fresh = start_noise(x.shape, 1, generator=gen, device=device)[0]
+                    start = carry.starts(idx, (2.0 * fresh - 1.0) * (eps * cfg.attack.start_scale), eps)
             batch_shape = x.shape
             x, y = dctx.shard(x), dctx.shard(y)  # [distributed] this rank's rows of the global batch
             if spec.adversarial:
                 with training_autocast(cfg.run, device, attack=True):
                     x_adv = attack_from_config(model, x, y, cfg.attack, generator=gen, keep_best=False,
-                                               eps=eps, step_size=alpha, noise=noise)
+                                               eps=eps, step_size=alpha, noise=noise, start=start)
+                if carry is not None:
+                    carry.store(idx, x_adv - x)
             model.train()
             with training_autocast(cfg.run, device):
                 loss, parts = method_loss(model, x, x_adv, y, lam)

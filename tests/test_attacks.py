@@ -219,3 +219,26 @@ def test_unclipped_start_takes_the_first_gradient_outside_the_image_range():
                                           keep_best=False))
     with pytest.raises(ValueError, match="training adversaries only"):  # never returned as an adversary
         pgd(model, x, y, eps=eps, step_size=alpha, steps=1, noise=u, clip_start=False)
+
+
+def test_an_explicit_start_replaces_the_random_one():
+    """``start`` (attack.carry's carried perturbation): the first gradient is taken at x + start, the
+    step is projected as usual, and a zero start is the attack without a random start."""
+    model = Linear()
+    x, y = _data(n=32, lo=0.2, hi=0.8)
+    eps, alpha = 0.1, 0.1
+    start = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * eps
+    xa = pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start=start, keep_best=False)
+    x0 = (x + start).requires_grad_(True)
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(x0), y, reduction="sum"), x0)
+    by_hand = torch.minimum(torch.maximum(x0.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(xa, by_hand, atol=1e-6)
+    # a carried start at the ball's edge and a step along it: the adversary stays there (not 2 eps)
+    assert (xa - x).abs().max() <= eps + 1e-6 and ((xa - x).abs() > eps - 1e-6).float().mean() > 0.4
+    zero = pgd(model, x, y, eps=eps, step_size=alpha, steps=3, start=torch.zeros_like(x), keep_best=False)
+    assert torch.equal(zero, pgd(model, x, y, eps=eps, step_size=alpha, steps=3, random_start=False,
+                                 keep_best=False))
+    with pytest.raises(ValueError, match="one start of the images' shape"):
+        pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start=start[:4])
+    with pytest.raises(ValueError, match="2 restarts"):
+        pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start=start, restarts=2)

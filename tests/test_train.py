@@ -424,3 +424,78 @@ def test_eps_final_ramps_the_training_attack_over_the_end_of_the_run(splits, tmp
     recs = _records(tmp_path / "r", "train")
     assert [r["eps"] for r in recs] == pytest.approx([attack_strength(cfg, r["step"] - 1)[0] for r in recs])
     assert recs[-1]["eps"] == pytest.approx(0.4)
+
+
+# 60 training images in batches of 20: an epoch is 3 steps, the run's 6 steps are two epochs
+CARRY = [*TINY, "data.train_size=60", "attack.steps=1", "attack.step_size=0.3", "attack.eps_warmup_examples=0"]
+
+
+def test_carry_starts_each_image_where_its_last_attack_ended(tmp_path, monkeypatch):
+    from robustfeat.build import build_splits
+    from robustfeat.config import load_config
+
+    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    real = train_module.attack_from_config
+    carry, plain = load_config("demo", overrides=[*CARRY, "attack.carry=true"]), load_config("demo", overrides=CARRY)
+    sp = build_splits(carry)
+    order = train_module.DeviceLoader(sp.x_train, sp.y_train, batch_size=20, seed=carry.run.seed)
+
+    def recording(into):
+        def attack(model, x, y, cfg, **kw):
+            out = real(model, x, y, cfg, **kw)
+            into.append((order.indices(len(into)).tolist(), kw.get("start"), out - x))
+            return out
+        return attack
+
+    runs: dict[str, list] = {"carry": [], "plain": []}
+    for name, c in (("carry", carry), ("plain", plain)):
+        monkeypatch.setattr(train_module, "attack_from_config", recording(runs[name]))
+        train(c, tmp_path / name, splits=sp, progress=False)
+    monkeypatch.undo()
+    assert all(start is None for _, start, _ in runs["plain"])
+    # epoch 1 (steps 0-2): random starts, the very draws of the plain run, so the same adversaries
+    for (idx, start, d), (pidx, _, pd) in zip(runs["carry"][:3], runs["plain"][:3]):
+        assert idx == pidx and torch.equal(d, pd)
+        assert start.abs().max() <= 0.3 and start.abs().mean() == pytest.approx(0.15, abs=0.03)
+    # epoch 2: every image starts where its epoch-1 attack ended (kept in float16, clipped to the eps-ball
+    # again: float16's 0.3 is 0.30005)
+    ended = {i: d[j] for idx, _, d in runs["carry"][:3] for j, i in enumerate(idx)}
+    assert sorted(ended) == list(range(60))
+    from robustfeat.api import describe_config
+    assert "previous epoch" in describe_config(carry) and "previous epoch" not in describe_config(plain)
+    for idx, start, _ in runs["carry"][3:]:
+        for j, i in enumerate(idx):
+            assert torch.equal(start[j], ended[i].half().float().clamp(-0.3, 0.3)), i
+    # ... which the plain run does not, so its weights end elsewhere; last keeps epoch 2's ends
+    a, b = _weights(tmp_path / "carry"), _weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    kept = _tensors(tmp_path / "carry", "carry.")
+    assert kept["seen"].all() and kept["delta"].dtype == torch.float16
+    for idx, _, d in runs["carry"][3:]:
+        assert torch.equal(kept["delta"][idx], d.half())
+
+
+def test_carry_resumes_exactly_and_is_refused_where_it_cannot_work(tmp_path):
+    from robustfeat.build import build_splits
+    from robustfeat.checkpoint import CheckpointError
+    from robustfeat.config import ConfigError, load_config
+
+    carry = load_config("demo", overrides=[*CARRY, "attack.carry=true"])
+    sp = build_splits(carry)
+    train(carry, tmp_path / "full", splits=sp, progress=False)
+    train(carry, tmp_path / "cut", splits=sp, progress=False, stop_after=4)  # in epoch 2
+    train(carry, tmp_path / "cut", splits=sp, progress=False, resume=True)
+    for prefix in ("model.", "carry."):
+        a, b = _tensors(tmp_path / "full", prefix), _tensors(tmp_path / "cut", prefix)
+        assert a.keys() and all(torch.equal(a[k], b[k]) for k in a), prefix
+    # a checkpoint without carried starts (another config's), or of another split's size, is refused
+    train(load_config("demo", overrides=CARRY), tmp_path / "plain", splits=sp, progress=False, stop_after=3)
+    starts = importlib.import_module("robustfeat.train").CarriedStarts
+    for n, run in ((60, "plain"), (59, "full")):
+        with pytest.raises(CheckpointError, match="no carried attack starts of this training split"):
+            starts(n, (1, 28, 28), torch.device("cpu")).load(tmp_path / run / "checkpoints/last.safetensors")
+    for bad, msg in (("attack.steps=0", "attack.carry=True is invalid"), ("attack.restarts=2", "restarts = 1"),
+                     ("attack.project=false", "project = true"), ("attack.random_start=false", "random_start"),
+                     ("data.augment=true", "last epoch's crop and flip")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config("demo", overrides=[*CARRY, "attack.carry=true", bad])

@@ -109,6 +109,8 @@ def describe_config(cfg: Config) -> str:
     warm = f", eps ramped up over the first {a.eps_warmup_examples:,} examples" if a.eps_warmup_examples else ""
     if a.eps_final:
         warm += f", then from {a.eps_final_from:.0%} of the run towards eps={a.eps_final:.4g} at its end"
+    if a.carry:
+        warm += ", each image's attack starting where its previous epoch's ended"
     lam = f", lambda={cfg.lam:g}" if cfg.lam else ""
     return (
         f"{cfg.method.name}{lam} on {cfg.data.name} with {cfg.model.name}; "

@@ -475,7 +475,7 @@ def test_carry_starts_each_image_where_its_last_attack_ended(tmp_path, monkeypat
         assert torch.equal(kept["delta"][idx], d.half())
 
 
-def test_carry_resumes_exactly_and_is_refused_where_it_cannot_work(tmp_path):
+def test_carry_resumes_exactly_and_is_refused_where_it_cannot_work(tmp_path, monkeypatch):
     from robustfeat.build import build_splits
     from robustfeat.checkpoint import CheckpointError
     from robustfeat.config import ConfigError, load_config
@@ -494,6 +494,13 @@ def test_carry_resumes_exactly_and_is_refused_where_it_cannot_work(tmp_path):
     for n, run in ((60, "plain"), (59, "full")):
         with pytest.raises(CheckpointError, match="no carried attack starts of this training split"):
             starts(n, (1, 28, 28), torch.device("cpu")).load(tmp_path / run / "checkpoints/last.safetensors")
+    # under torchrun (each rank would keep only its own rows' perturbations) it stops before writing anything
+    train_module = importlib.import_module("robustfeat.train")
+    monkeypatch.setattr(train_module.distributed, "setup",
+                        lambda device: train_module.distributed.Dist(rank=0, world=2, device=device))
+    with pytest.raises(train_module.TrainingError, match="does not support torchrun"):
+        train(carry, tmp_path / "ddp", splits=sp, progress=False)
+    assert not (tmp_path / "ddp").exists()
     for bad, msg in (("attack.steps=0", "attack.carry=True is invalid"), ("attack.restarts=2", "restarts = 1"),
                      ("attack.project=false", "project = true"), ("attack.random_start=false", "random_start"),
                      ("data.augment=true", "last epoch's crop and flip")):

@@ -399,6 +399,9 @@ def train(
     dctx = distributed.setup(resolve_device(cfg.run.device))
     device = dctx.device
     dctx.check_batch(cfg.optim.batch_size)
+    if cfg.attack.carry and dctx.active:
+        raise TrainingError("attack.carry keeps every training image's perturbation in one process; it does "
+                            "not support torchrun (run it in one process, or set attack.carry=false)")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if splits is None:
@@ -460,9 +463,6 @@ def train(
     )
     carry = None
     if cfg.attack.carry and spec.adversarial:
-        if dctx.active:
-            raise TrainingError("attack.carry keeps every training image's perturbation in one process; "
-                                "it does not support torchrun (run it in one process or set attack.carry=false)")
         carry = CarriedStarts(len(splits.y_train), tuple(splits.x_train.shape[1:]), device)
         if resume and (out_dir / LAST).exists():
             carry.load(out_dir / LAST)

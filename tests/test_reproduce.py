@@ -65,7 +65,7 @@ def test_fast_budget_is_fgsm_with_random_start_in_every_preset():
         if p.startswith("mnist"):  # results/fast-mnist-fgsm: the measured recipe
             assert cfg.method.grad_align == 1.0 and cfg.optim.schedule == "cyclic" and cfg.run.precision == "bf16"
             assert cfg.attack.eps_warmup_examples == 0  # the one-cycle lr's rise is the warm-up
-            assert not cfg.attack.carry  # session 11: its PGD-40 gain is flagged by AutoAttack
+            assert cfg.attack.carry and not cfg.data.augment  # session 11: carried starts
         assert cfg.eval_attack == load_config(p).eval_attack  # the catastrophic-overfitting watch is PGD
         assert cfg.run.eval_every < cfg.optim.steps
 

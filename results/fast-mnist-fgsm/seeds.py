@@ -37,7 +37,6 @@ def one_run(run_dir: Path, target: float) -> dict:
         "clean": ev["clean_acc"],
         "pgd": ev["pgd_acc"],
         "ci": ev["pgd_acc_ci95"],
-        "n": ev["n"],
     }
 
 

@@ -216,10 +216,11 @@ class TrainAttackConfig(AttackConfig):
     of successive epochs then add up to a multi-step adversary at FGSM's cost (the epoch prior of
     ATTA, Zheng et al. 2020, and FGSM-EP, Jia et al. 2022). The perturbations (one per training image,
     float16) are kept in memory and in the ``last`` checkpoint. One process only. Measured on MNIST's
-    fast budget (results/fast-mnist-fgsm, sessions 11-12): AutoAttack (300 images) rose from 14.33%
-    (a run without it) to 72-80% (seeds 0, 1, 3, 4); test PGD-40 over seeds 0-6 from a mean of 89.56% to
-    91.17%, but by seed from -4.7 to +10.0 points. AutoAttack stays 5-18 points below PGD-200, so
-    evaluate such models with ``--suite full``."""
+    fast budget (results/fast-mnist-fgsm, sessions 11-13): AutoAttack (300 images) rose from 14.33%
+    (a run without it) to 70-82% (seeds 0-6, mean 75.3%); test PGD-40 over seeds 0-6 from a mean of
+    89.56% to 91.17%, but by seed from -4.7 to +10.0 points. AutoAttack stays 5-18 points below
+    PGD-200, so evaluate such models with ``--suite full``. It does not replace GradAlign there: with
+    ``method.grad_align=0`` the first validation already showed catastrophic overfitting."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

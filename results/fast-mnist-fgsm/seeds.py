@@ -11,7 +11,7 @@ reaches the target.
 
 Two columns look for gradient masking. "GradAlign 1-cos" is the training log's GradAlign term,
 mean(1 - cos(grad at x, grad at x + uniform noise)), averaged over the last 1,000 steps: near 1 the
-input gradient changes direction inside the eps-ball, so a fixed-step PGD is misled. "AutoAttack"
+input gradient turns inside the eps-ball (a strongly non-linear loss there). "AutoAttack"
 is read from RUN_DIR/eval-full/eval.json (`eval --suite full`, on its own image sample) when it
 exists, with that sample's PGD-40 beside it.
 """

@@ -217,7 +217,7 @@ class TrainAttackConfig(AttackConfig):
     ATTA, Zheng et al. 2020, and FGSM-EP, Jia et al. 2022). The perturbations (one per training image,
     float16) are kept in memory and in the ``last`` checkpoint. One process only. Measured on MNIST's
     fast budget (results/fast-mnist-fgsm, sessions 11-13): AutoAttack (300 images) rose from 14.33%
-    (a run without it) to 70-82% (seeds 0-6, mean 75.3%); test PGD-40 over seeds 0-6 from a mean of
+    (a run without it) to 66-82% (seeds 0-7, mean 74.2%); test PGD-40 over seeds 0-6 from a mean of
     89.56% to 91.17%, but by seed from -4.7 to +10.0 points. AutoAttack stays 5-18 points below
     PGD-200, so evaluate such models with ``--suite full``. It does not replace GradAlign there: with
     ``method.grad_align=0`` the first validation already showed catastrophic overfitting."""

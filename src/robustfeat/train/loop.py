@@ -88,24 +88,13 @@ def train(
     meter = Meter(run, tb, bar)
     try:
         for step in range(start_step, end):
-            # batch: this step's images (a pure function of seed and step) and learning rate
+            # batch: this step's images (a pure function of seed and step), learning rate and eps
             model.train()
-            lr = learning_rate(cfg, step) * state.lr_scale
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            lr = set_learning_rate(optimizer, learning_rate(cfg, step) * state.lr_scale)
             x, y = run.loader.batch(step)
-            eps, alpha = attack_strength(cfg, step, exts)
-            batch = Batch(step, x.shape, eps, alpha, gen)
-            # adversary: the training attack from the step's starts, on this process's rows
-            noise, start_delta = attack_starts(run, batch) if spec.adversarial else (None, None)
-            batch.x, batch.y = dctx.shard(x), dctx.shard(y)
-            if spec.adversarial:
-                with training_autocast(cfg.run, device, attack=True):
-                    batch.x_adv = attack_from_config(model, batch.x, batch.y, cfg.attack, generator=gen,
-                                                     keep_best=False, eps=eps, step_size=alpha, noise=noise,
-                                                     start=start_delta)
-                for ext in exts:
-                    ext.after_attack(run, batch)
+            batch = Batch(step, x.shape, *attack_strength(cfg, step, exts), gen)
+            # adversary: the training attack on this process's rows, from the extensions' starts if any
+            make_adversary(run, batch, x, y, spec.adversarial)
             # loss: the method's (eq. 7) plus the extensions' terms
             model.train()
             with training_autocast(cfg.run, device):
@@ -125,15 +114,13 @@ def train(
             done = step + 1
             meter.add(parts)
             if done % cfg.run.log_every == 0 or done == total:
-                meter.write(done, lr, eps)
+                meter.write(done, lr, batch.eps)
             bar.update(1)
             # validate and checkpoint: the extensions' guards may roll back, restart or stop the run
             if done % cfg.run.eval_every == 0 or done == total:
                 verdict = validate(run, done, tb)
                 save(run, done, run.last_val if verdict is None else verdict.val)
-                if verdict is not None and verdict.error:
-                    raise TrainingError(verdict.error)
-                if verdict is not None and verdict.stop:
+                if ends_run(verdict):
                     end = done
                     break
             elif cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
@@ -160,19 +147,35 @@ def train(
 # the pieces of a step
 
 
-def attack_starts(run: Run, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Seed the step's attack generator; (the multi-process run's start draws, an extension's starts)."""
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def make_adversary(run: Run, batch: Batch, x: torch.Tensor, y: torch.Tensor, adversarial: bool) -> None:
+    """Set the batch's rows of this process (``batch.x``, ``batch.y``) and, for an adversarial method,
+    their training adversary (``batch.x_adv``)."""
     cfg, dctx = run.cfg, run.dctx
-    batch.generator.manual_seed(derived_seed(cfg.run.seed, ATTACK_STREAM, batch.step))
     noise = start = None
-    if dctx.active and cfg.attack.random_start:  # [distributed] the global batch's draws, this rank's rows
-        noise = dctx.shard(start_noise(batch.shape, cfg.attack.restarts, generator=batch.generator,
-                                       device=run.device), dim=1)
+    if adversarial:
+        batch.generator.manual_seed(derived_seed(cfg.run.seed, ATTACK_STREAM, batch.step))
+        if dctx.active and cfg.attack.random_start:  # [distributed] the global batch's draws, this rank's rows
+            noise = dctx.shard(start_noise(batch.shape, cfg.attack.restarts, generator=batch.generator,
+                                           device=run.device), dim=1)
+        for ext in run.extensions:
+            start = ext.attack_start(run, batch)
+            if start is not None:
+                break
+    batch.x, batch.y = dctx.shard(x), dctx.shard(y)
+    if not adversarial:
+        return
+    with training_autocast(cfg.run, run.device, attack=True):
+        batch.x_adv = attack_from_config(run.model, batch.x, batch.y, cfg.attack, generator=batch.generator,
+                                         keep_best=False, eps=batch.eps, step_size=batch.step_size, noise=noise,
+                                         start=start)
     for ext in run.extensions:
-        start = ext.attack_start(run, batch)
-        if start is not None:
-            break
-    return noise, start
+        ext.after_attack(run, batch)
 
 
 def total_loss(run: Run, batch: Batch, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -218,6 +221,13 @@ def validate(run: Run, step: int, tb) -> Verdict | None:
         if verdict is not None:
             return verdict
     return None
+
+
+def ends_run(verdict: Verdict | None) -> bool:
+    """Whether a guard's verdict ends the run (with a TrainingError when it says so)."""
+    if verdict is not None and verdict.error:
+        raise TrainingError(verdict.error)
+    return verdict is not None and verdict.stop
 
 
 def save(run: Run, step: int, val: dict[str, float] | None) -> None:

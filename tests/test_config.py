@@ -105,3 +105,73 @@ def test_cyclic_learning_rate_is_one_triangle():
     assert lrs[-1] == 0.0 and lrs[69] == pytest.approx(0.0025)  # ... linearly, to 0 at the end
     step = load_config("cifar10-at")                     # the paper's step schedule is unchanged
     assert [learning_rate(step, s) for s in (0, 39999, 40000, 60000)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_choices_are_typed_literals_checked_on_construction():
+    from typing import get_args, get_type_hints
+
+    from robustfeat import config as C
+
+    for cls, key, alias in ((C.DataConfig, "name", C.DatasetName), (C.AttackConfig, "loss", C.AttackLoss),
+                            (C.AttackConfig, "bn_mode", C.BnMode), (C.OptimConfig, "name", C.OptimName),
+                            (C.OptimConfig, "schedule", C.Schedule), (C.RunConfig, "precision", C.Precision),
+                            (C.ModelConfig, "init", C.ModelInit)):
+        assert get_type_hints(cls)[key] == alias
+        with pytest.raises(ConfigError, match=f"expected one of {', '.join(get_args(alias))}"):
+            cls(**{key: "nonsense"})
+    assert C.DATASET_NAMES == get_args(C.DatasetName) and set(C.DATASET_FAMILIES) == set(C.DATASET_NAMES)
+
+
+def test_single_step_keys_exist_and_keep_their_paths():
+    from robustfeat.config import SINGLE_STEP_KEYS
+
+    d = load_config("mnist-at", "fast").to_dict()
+    for key in SINGLE_STEP_KEYS:
+        section, name = key.split(".")
+        assert name in d[section], key
+    # today's key paths work as overrides
+    c = load_config("mnist-at", overrides=["attack.carry=true", "run.rollback_drop=0.05", "method.grad_align=0.5",
+                                           "optim.ema=0.9", "run.restart_below=0.2"])
+    assert (c.attack.carry, c.run.rollback_drop, c.method.grad_align, c.optim.ema) == (True, 0.05, 0.5, 0.9)
+
+
+def test_compatibility_comes_from_the_models_metadata(monkeypatch):
+    from robustfeat.models import MODEL_INFO, MODELS, MnistCNN, ModelInfo, register_model
+
+    @register_model(ModelInfo("tiny_grey", (1, 28, 28), "mnist", options=()))
+    def tiny(num_classes, in_channels, **kw):
+        return MnistCNN(num_classes=num_classes, in_channels=in_channels, hidden=8)
+
+    try:
+        c = load_config("mnist-at", overrides=["model.name=tiny_grey"])  # no name prefix needed
+        assert not c.model.has_attention and c.lam == 0.0 and c.data_family == "mnist"
+        with pytest.raises(ConfigError, match="model.name='tiny_grey' expects 28x28 MNIST images, not CIFAR"):
+            load_config("cifar10-at", overrides=["model.name=tiny_grey"])
+        with pytest.raises(ConfigError, match="tiny_grey has fixed widths"):
+            load_config("mnist-at", overrides=["model.name=tiny_grey", "model.widths=[4,4,8,8]"])
+    finally:
+        MODELS._items.pop("tiny_grey")
+        MODEL_INFO._items.pop("tiny_grey")
+
+
+def test_parse_fraction():
+    from robustfeat.config import parse_fraction
+
+    assert parse_fraction("8/255") == 8 / 255 and parse_fraction("1e-3") == 0.001
+    assert parse_fraction("a/b") == "a/b" and parse_fraction("1/0") == "1/0" and parse_fraction("x") == "x"
+
+
+def test_no_lab_notes_in_packaged_yaml_or_config_docstrings():
+    import re
+    from importlib import resources
+    from pathlib import Path
+
+    import robustfeat
+
+    texts = {p.name: p.read_text() for p in (resources.files("robustfeat") / "presets").iterdir()
+             if p.name.endswith(".yaml")}
+    src = Path(robustfeat.__file__).parent
+    for rel in ("config.py", "methods.py", "build.py", "models/__init__.py", "models/mnist_cnn.py"):
+        texts[rel] = (src / rel).read_text()
+    for name, text in texts.items():
+        assert not re.search(r"[Ss]ession \d|MEASURED|[Mm]easured (here|on)|results/fast-mnist", text), name

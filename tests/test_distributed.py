@@ -150,7 +150,7 @@ GUARD_SCRIPT = textwrap.dedent("""
     def scripted(*args, **kwargs):
         calls.append(1)
         return {{"clean_acc": clean[len(calls) - 1], "pgd_acc": pgd[len(calls) - 1]}}
-    importlib.import_module("robustfeat.train").evaluate_split = scripted
+    importlib.import_module("robustfeat.train.loop").evaluate_split = scripted
     train(load_config("demo", overrides={overrides!r}), sys.argv[1], progress=False)
 """)
 

@@ -361,3 +361,17 @@ def test_mnist_default_init_is_torchs_and_unknown_init_is_refused():
     assert mnist.fc1.weight.abs().max().item() <= (1.0 / 3136) ** 0.5 + 1e-6  # kaiming-uniform bound
     with pytest.raises(ValueError, match="init='tf'"):
         create_model("mnist_cnn", 10, 1, init="tf")
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_registered_metadata_matches_the_model(name):
+    from robustfeat.models import model_info
+
+    info = model_info(name)
+    model = _model(name)
+    assert info.name == name and info.has_attention == model.has_attention
+    c, h, w = info.input_shape
+    x = torch.rand(2, c, h, w)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 10)
+    assert info.family in ("mnist", "cifar")

@@ -95,7 +95,7 @@ def test_attack_fp32_crafts_exactly_the_fp32_adversary(cfg, batch, one_thread):
 def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_path, one_thread, monkeypatch):
     import importlib
 
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     validate, under_autocast = train_module.evaluate_split, []
 
     def spy(*args, **kwargs):  # records whether a validation ran under autocast

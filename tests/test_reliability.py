@@ -48,7 +48,7 @@ from robustfeat.train import BEST, LAST, TrainingError, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # the module, not the function that robustfeat/__init__.py exports under the same name
-train_mod = importlib.import_module("robustfeat.train")
+train_mod = importlib.import_module("robustfeat.train.loop")
 
 # 6 steps of the MNIST CNN on 200 embedded images: about a second.
 TINY = [

@@ -203,7 +203,7 @@ def _check_exact_resume(cfg, splits, tmp_path, monkeypatch, script, stop_after, 
     """A run cut at ``stop_after`` and resumed ends with the weights and the records of a run that was
     never cut; ``script()`` makes the scripted validation, one over both sessions of the cut run, and
     ``between()`` runs between the two sessions."""
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     monkeypatch.setattr(train_module, "evaluate_split", script())
     train(cfg, tmp_path / "full", splits=splits, progress=False)
     cut = script()
@@ -227,7 +227,7 @@ def _records(run_dir, kind):
 
 @pytest.mark.parametrize("ema", [0.0, 0.6])
 def test_rollback_restores_best_and_lowers_the_lr(cfg, splits, tmp_path, monkeypatch, ema):
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     from robustfeat.train import learning_rate
 
     guarded = _guarded(replace(cfg, optim=replace(cfg.optim, ema=ema)))
@@ -295,7 +295,7 @@ def _edit_extra(path, edit):
 def test_resume_refuses_a_damaged_best_step(cfg, splits, tmp_path, monkeypatch, bad):
     """A best_step that is no step of this run (a string, a float, a bool, below -1, past the resumed
     step) would aim the rollback guard at a wrong state: the resume stops and names the file."""
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     from robustfeat.checkpoint import CheckpointError
 
     monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation([0.5, 0.6, 0.4, 0.55, 0.45, 0.7]))
@@ -314,7 +314,7 @@ def test_resume_refuses_a_damaged_best_step(cfg, splits, tmp_path, monkeypatch, 
 
 
 def test_rollback_waits_for_rollback_after_and_is_off_by_default(cfg, splits, tmp_path, monkeypatch):
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
 
     # a large drop at step 2 (too early to act on), a best at step 3, drops at steps 4 and 6
     script = [0.3, 0.1, 0.5, 0.35, 0.45, 0.2]
@@ -339,7 +339,7 @@ def _restarting(cfg, **run):
 
 @pytest.mark.parametrize("ema", [0.0, 0.6])
 def test_dead_start_draws_new_weights_and_clears_the_optimizer(cfg, splits, tmp_path, monkeypatch, ema):
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     from robustfeat.build import build_model
     from robustfeat.seeding import derived_seed
     from robustfeat.train import learning_rate
@@ -371,7 +371,7 @@ def test_dead_start_draws_new_weights_and_clears_the_optimizer(cfg, splits, tmp_
 
 
 def test_dead_start_resumes_exactly_and_gives_up_after_three(cfg, splits, tmp_path, monkeypatch):
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     from robustfeat.train import TrainingError
 
     guarded = _restarting(cfg)
@@ -434,7 +434,7 @@ def test_carry_starts_each_image_where_its_last_attack_ended(tmp_path, monkeypat
     from robustfeat.build import build_splits
     from robustfeat.config import load_config
 
-    train_module = importlib.import_module("robustfeat.train")  # the package exports a function train
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
     real = train_module.attack_from_config
     carry, plain = load_config("demo", overrides=[*CARRY, "attack.carry=true"]), load_config("demo", overrides=CARRY)
     sp = build_splits(carry)
@@ -495,7 +495,7 @@ def test_carry_resumes_exactly_and_is_refused_where_it_cannot_work(tmp_path, mon
         with pytest.raises(CheckpointError, match="no carried attack starts of this training split"):
             starts(n, (1, 28, 28), torch.device("cpu")).load(tmp_path / run / "checkpoints/last.safetensors")
     # under torchrun (each rank would keep only its own rows' perturbations) it stops before writing anything
-    train_module = importlib.import_module("robustfeat.train")
+    train_module = importlib.import_module("robustfeat.train.loop")
     monkeypatch.setattr(train_module.distributed, "setup",
                         lambda device: train_module.distributed.Dist(rank=0, world=2, device=device))
     with pytest.raises(train_module.TrainingError, match="does not support torchrun"):

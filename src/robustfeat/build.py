@@ -12,7 +12,7 @@ import torch
 
 from .config import Config, ConfigError, ModelConfig, RunConfig
 from .data import Dataset, load_dataset, train_val_split
-from .models import RobustModel, create_model
+from .models import RobustModel, create_model, model_info
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,11 +68,13 @@ def build_splits(cfg: Config, data_dir: str | None = None, download: bool = True
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> RobustModel:
+    """The model of ``cfg``, given the ``model.*`` options its registration says it takes."""
+    takes = model_info(cfg.name).options
     kwargs: dict = {}
-    if cfg.widths is not None:
+    if cfg.widths is not None:  # (the config refuses widths for a model that does not take them)
         kwargs["widths"] = list(cfg.widths)
-    if cfg.has_attention:
+    if "att_hidden" in takes:
         kwargs["att_hidden"] = cfg.att_hidden
-    if cfg.name == "mnist_cnn":
+    if "init" in takes:
         kwargs["init"] = cfg.init
     return create_model(cfg.name, num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -4,6 +4,12 @@ A run is described by a ``Config`` built from a preset YAML file (``robustfeat/p
 budget inside it, and ``key=value`` overrides from the command line. Every field is checked when the
 config is built, unknown keys are rejected with a suggestion, and the fully resolved config is written
 next to every run (``config.yaml``), so a run directory alone says how it was made.
+
+Choices are typed as ``Literal`` and checked on construction; model/dataset compatibility comes from the
+metadata each model registers (``robustfeat.models.model_info``). The options for single-step training
+(beyond the paper) keep their key paths in the sections they act on, and sit together at the end of
+each section under a "single-step training" comment; ``SINGLE_STEP_KEYS`` lists them, and docs/
+describes them together.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -73,15 +79,35 @@ def _section(key: str, value: Any, cls: type) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # the sections
 
-DATASET_NAMES = ("mnist", "mnist-sample", "cifar10", "cifar100", "npz")
-BN_MODES = ("train", "eval")
-ATTACK_LOSSES = ("ce", "cw")
-PRECISIONS = ("fp32", "bf16")
+DatasetName = Literal["mnist", "mnist-sample", "cifar10", "cifar100", "npz"]
+ModelInit = Literal["torch", "madry"]
+AttackLoss = Literal["ce", "cw"]
+BnMode = Literal["train", "eval"]
+OptimName = Literal["sgd", "adam"]
+Schedule = Literal["step", "cyclic"]
+Precision = Literal["fp32", "bf16"]
+
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+BN_MODES: tuple[str, ...] = get_args(BnMode)
+ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DATASET_FAMILIES: dict[str, str | None] = {
+    "mnist": "mnist", "mnist-sample": "mnist", "cifar10": "cifar", "cifar100": "cifar", "npz": None,
+}
+"""The family of each dataset, matched against a model's (``ModelInfo.family``); None: any model."""
+_FAMILY_NAMES = {"mnist": "MNIST", "cifar": "CIFAR"}
+
+# The options for single-step training, beyond the paper (see docs/ on training options).
+SINGLE_STEP_KEYS = (
+    "attack.start_scale", "attack.project", "attack.clip_start", "attack.eps_final", "attack.eps_final_from",
+    "attack.carry", "method.grad_align", "optim.ema", "run.rollback_drop", "run.rollback_lr",
+    "run.rollback_after", "run.restart_below",
+)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "mnist"
+    name: DatasetName = "mnist"
     """Dataset: mnist, mnist-sample (embedded, offline), cifar10, cifar100 or npz (your own arrays)."""
     dir: str | None = None
     """Data directory; None -> $ROBUSTFEAT_DATA, else the user cache directory. --data-dir sets it."""
@@ -121,13 +147,13 @@ class ModelConfig:
     """ResNet widths [stem, stage1, stage2, stage3]; None = the registered model's default."""
     att_hidden: int = 64
     """Hidden units of the attention MLP f([l_n; g]) (section 3.2: 64)."""
-    init: str = "torch"
+    init: ModelInit = "torch"
     """MNIST CNN weight init: torch (PyTorch's default) or madry (the TF reference: truncated normal,
-    std 0.1, biases 0.1). With madry's init a short AT-reg schedule reached 37% PGD-40 where torch's
-    reached 60-70%, so torch is the default. The ResNets always use Madry's He-normal init."""
+    std 0.1, biases 0.1), which trains much more slowly on short schedules. The ResNets always use
+    Madry's He-normal init."""
 
     def __post_init__(self) -> None:
-        from .models import list_models
+        from .models import list_models, model_info
 
         _choice("model.name", self.name, list_models())
         if self.widths is not None:
@@ -137,15 +163,17 @@ class ModelConfig:
                 _int("model.widths", w, 1)
             if list(self.widths) != sorted(self.widths):
                 _fail("model.widths", self.widths, "non-decreasing widths (residual units never shrink)")
-            if not self.name.startswith("resnet"):
+            if "widths" not in model_info(self.name).options:
                 _fail("model.widths", self.widths, f"null: {self.name} has fixed widths (only ResNets take widths)")
             object.__setattr__(self, "widths", tuple(self.widths))
         _int("model.att_hidden", self.att_hidden, 1)
-        _choice("model.init", self.init, ("torch", "madry"))
+        _choice("model.init", self.init, get_args(ModelInit))
 
     @property
     def has_attention(self) -> bool:
-        return self.name.endswith("_att")
+        from .models import model_info
+
+        return model_info(self.name).has_attention
 
 
 @dataclass(frozen=True)
@@ -161,9 +189,9 @@ class AttackConfig:
     """Random restarts; the worst case over restarts is kept per example."""
     random_start: bool = True
     """Start from a uniform point of the eps-ball (Madry et al.)."""
-    loss: str = "ce"
+    loss: AttackLoss = "ce"
     """ce (cross-entropy) or cw (the CW margin loss, kappa=50)."""
-    bn_mode: str = "eval"
+    bn_mode: BnMode = "eval"
     """BatchNorm while attacking: eval (running statistics) or train (batch statistics). Running
     statistics are never updated by an attack either way."""
 
@@ -183,11 +211,13 @@ class AttackConfig:
 class TrainAttackConfig(AttackConfig):
     """The attack that makes training adversaries, with an optional eps warm-up."""
 
-    bn_mode: str = "train"
+    bn_mode: BnMode = "train"
     """Madry's reference code attacks with batch statistics during training (running ones frozen)."""
     eps_warmup_examples: int = 0
     """Ramp eps (and the step size with it) linearly from 0 over this many training examples; 0 = off.
     Not in the paper: it lets short CPU budgets escape the chance-level plateau of PGD training."""
+
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
     start_scale: float = 1.0
     """The random start is uniform in +-start_scale * eps (1 = the eps-ball, as PGD and FGSM-RS)."""
     project: bool = True
@@ -198,29 +228,22 @@ class TrainAttackConfig(AttackConfig):
     attacks always stay in the ball."""
     clip_start: bool = True
     """false: take the first gradient at the random start x + noise before clipping it to [0, 1], as Wong
-    et al.'s FGSM-RS reference code does. On MNIST, where most pixels are 0 or 1, clipping removes about
-    half of the start noise. Every iterate after a step is still clipped to [0, 1]. Training only."""
-
+    et al.'s FGSM-RS reference code does (on MNIST, where most pixels are 0 or 1, clipping removes much
+    of the start noise). Every iterate after a step is still clipped to [0, 1]. Training only."""
     eps_final: float = 0.0
-    """Beyond the paper, for single-step training: from ``eps_final_from`` of the run on, ramp the
-    training eps (and the step size with it) linearly from ``eps`` to ``eps_final`` at the last step.
-    0 = off. Validation and evaluation keep ``eval_attack.eps``. Measured on MNIST's fast budget
-    (results/fast-mnist-fgsm, session 10): 0.4 lowered test PGD-40 at eps 0.3 (seed 1: 87.70% against
-    88.31% for the same run without it, p = 0.008)."""
+    """Experimental (its only measurement was negative; see docs/ on training options): from
+    ``eps_final_from`` of the run on, ramp the training eps (and the step size with it) linearly from
+    ``eps`` to ``eps_final`` at the last step. 0 = off. Validation and evaluation keep ``eval_attack.eps``."""
     eps_final_from: float = 0.4
     """Fraction of optim.steps where the eps_final ramp starts (0.4: the one-cycle lr's peak)."""
     carry: bool = False
-    """Beyond the paper, for single-step training: start each training image's attack from the
-    perturbation it ended with on its previous visit (one epoch earlier), clipped to the current eps,
-    instead of a fresh random start; an image's first visit keeps the random start. The single steps
-    of successive epochs then add up to a multi-step adversary at FGSM's cost (the epoch prior of
-    ATTA, Zheng et al. 2020, and FGSM-EP, Jia et al. 2022). The perturbations (one per training image,
-    float16) are kept in memory and in the ``last`` checkpoint. One process only. Measured on MNIST's
-    fast budget (results/fast-mnist-fgsm, sessions 11-13): AutoAttack (300 images) rose from 14.33%
-    (a run without it) to 66-82% (seeds 0-7, mean 74.2%); test PGD-40 over seeds 0-6 from a mean of
-    89.56% to 91.17%, but by seed from -4.7 to +10.0 points. AutoAttack stays 5-18 points below
-    PGD-200, so evaluate such models with ``--suite full``. It does not replace GradAlign there: with
-    ``method.grad_align=0`` the first validation already showed catastrophic overfitting."""
+    """Start each training image's attack from the perturbation it ended with on its previous visit
+    (one epoch earlier), clipped to the current eps, instead of a fresh random start; an image's first
+    visit keeps the random start. The single steps of successive epochs then add up to a multi-step
+    adversary at FGSM's cost (the epoch prior of ATTA, Zheng et al. 2020, and FGSM-EP, Jia et al.
+    2022). The perturbations (one per training image, float16) are kept in memory and in the ``last``
+    checkpoint. One process only. Evaluate such models with ``--suite full`` (AutoAttack); see docs/
+    for what it was measured to do and why it goes with ``method.grad_align``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -251,8 +274,10 @@ class MethodConfig:
     """natural, at, at-reg, at-att or at-att-reg (robustfeat.methods)."""
     lam: float | None = None
     """Weight of the L2 feature regularizer (eq. 7); None = the paper's value for the method."""
+
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
     grad_align: float = 0.0
-    """Beyond the paper, for single-step training: weight of GradAlign (Andriushchenko & Flammarion 2020),
+    """Weight of GradAlign (Andriushchenko & Flammarion 2020),
     grad_align * mean(1 - cos(grad_x CE(x), grad_x CE(x + eta))) with eta uniform in the eps-ball. It
     keeps the loss locally linear, which FGSM adversaries assume, and costs a double backward. 0 = off."""
 
@@ -269,7 +294,7 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adam"
+    name: OptimName = "adam"
     """sgd (momentum) or adam."""
     lr: float = 1e-4
     momentum: float = 0.9
@@ -281,20 +306,22 @@ class OptimConfig:
     milestones: tuple[int, ...] = ()
     """Steps at which the learning rate is multiplied by `gamma`."""
     gamma: float = 0.1
-    schedule: str = "step"
+    schedule: Schedule = "step"
     """step: lr * gamma^(milestones passed), the paper's schedules. cyclic: one triangle, linear from 0 up
     to `lr` at `peak` of the run and back down to 0 at the end (the schedule Wong et al. 2020 use for
     fast single-step training)."""
     peak: float = 0.4
     """cyclic only: where the learning rate peaks, as a fraction of `steps`."""
+
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
     ema: float = 0.0
     """Decay of an exponential moving average of the weights (and buffers), updated after every step;
     0 = off. When on, validation, `best` and the `model.*` weights of every checkpoint are the
-    average (beyond the paper)."""
+    average."""
 
     def __post_init__(self) -> None:
-        _choice("optim.name", self.name, ("sgd", "adam"))
-        _choice("optim.schedule", self.schedule, ("step", "cyclic"))
+        _choice("optim.name", self.name, get_args(OptimName))
+        _choice("optim.schedule", self.schedule, get_args(Schedule))
         if not isinstance(self.peak, (int, float)) or isinstance(self.peak, bool) or not 0 < self.peak < 1:
             _fail("optim.peak", self.peak, "a fraction strictly between 0 and 1")
         _num("optim.lr", self.lr, 0.0, strict=True)
@@ -332,24 +359,26 @@ class RunConfig:
     """Steps between metric lines in metrics.jsonl."""
     tensorboard: bool = False
     channels_last: bool = True
-    """Convolutions in NHWC layout (1.7-2x faster on CPU for these models)."""
+    """Convolutions in NHWC layout (faster on CPU for these models)."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     sync_bn: bool = False
     """Multi-process runs (torchrun) only: SyncBatchNorm, i.e. BatchNorm statistics over the global batch
     instead of each rank's shard (CUDA only; PyTorch's SyncBatchNorm has no CPU kernel). Off: each rank
     normalizes with its shard's statistics and running statistics are rank 0's, as with DDP."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """Arithmetic of training's forward and backward passes: fp32 (default, the paper's numerics) or
     bf16 (autocast: convolutions and matrix products in bfloat16, weights, optimizer state, losses and
-    BatchNorm statistics in fp32). A speed option that changes numerics, not the method: about 2-3x
-    faster on CPUs with AMX (Sapphire Rapids and later) and on recent GPUs; results in
-    benchmarks/README.md. Validation, `robustfeat eval` and every analysis always run in fp32."""
+    BatchNorm statistics in fp32). A speed option that changes numerics, not the method: faster on CPUs
+    with AMX (Sapphire Rapids and later) and on recent GPUs (see results/bench). Validation,
+    `robustfeat eval` and every analysis always run in fp32."""
     attack_fp32: bool = False
     """With precision=bf16: craft the training adversary in fp32 and use bf16 only for the weight
     update (slower, but the attack's gradients are exactly those of fp32 training)."""
+
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
     rollback_drop: float = 0.0
-    """Beyond the paper, a guard for single-step training: when a periodic validation's PGD accuracy
+    """A guard against catastrophic overfitting: when a periodic validation's PGD accuracy
     falls more than this below the best so far (a fraction: 0.03 = 3 points), the run goes back to the
     ``best`` checkpoint's weights and optimizer state and multiplies its learning rate by
     ``rollback_lr`` from then on; the schedule and the data order go on from the current step. Each
@@ -361,7 +390,7 @@ class RunConfig:
     back to: earlier validations, still near chance and noisy, only update the best, and while the best
     is one of them no drop rolls back."""
     restart_below: float = 0.0
-    """Beyond the paper, a guard against dead starts: when a periodic validation's clean accuracy is
+    """A guard against dead starts: when a periodic validation's clean accuracy is
     below this (e.g. 0.2 on 10 classes: the network gives one class for every image), the weights are
     drawn afresh from a new seed and the optimizer state is cleared; the schedule and the data order go
     on from the current step. At most 3 times, then training stops with an error. 0 = off."""
@@ -413,6 +442,7 @@ class Config:
 
     def __post_init__(self) -> None:
         from .methods import METHODS
+        from .models import model_info
 
         if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             _fail("name", self.name, "a run name of letters, digits and . _ + - (it names the run directory)")
@@ -431,10 +461,9 @@ class Config:
                 f"model.name={self.model.name!r} has an attention module, but method.name="
                 f"{self.method.name!r} is a method without attention: use {spec.with_attention_name()}"
             )
-        if self.data.name.startswith("mnist") and not self.model.name.startswith("mnist"):
-            raise ConfigError(f"model.name={self.model.name!r} expects 32x32 colour images, not MNIST")
-        if self.data.name.startswith("cifar") and self.model.name.startswith("mnist"):
-            raise ConfigError(f"model.name={self.model.name!r} expects 28x28 MNIST images, not CIFAR")
+        info, family = model_info(self.model.name), self.data_family
+        if family is not None and family != info.family:
+            raise ConfigError(f"model.name={self.model.name!r} expects {info.inputs}, not {_FAMILY_NAMES[family]}")
         if self.attack.carry and self.data.augment:
             raise ConfigError("attack.carry=true with data.augment=true: a carried perturbation belongs to "
                               "last epoch's crop and flip of the image, not this epoch's; set one of them false")
@@ -446,7 +475,12 @@ class Config:
 
         if self.method.lam is not None:
             return float(self.method.lam)
-        return METHODS.get(self.method.name).default_lam(self.data.name)
+        return METHODS.get(self.method.name).default_lam(self.data_family)
+
+    @property
+    def data_family(self) -> str | None:
+        """The dataset's family (mnist or cifar; None for npz), which the model must belong to."""
+        return DATASET_FAMILIES[self.data.name]
 
     def to_dict(self) -> dict[str, Any]:
         def plain(v: Any) -> Any:
@@ -571,15 +605,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r} is invalid: the value is not valid YAML") from None
     if isinstance(value, str) and parts[-1] not in _TEXT_KEYS:  # allow fractions such as eps=8/255
-        value = _maybe_fraction(value)
+        value = parse_fraction(value)
     return parts, value
 
 
 _SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
-def _maybe_fraction(s: str) -> Any:
-    """'8/255' -> 0.0313...; '1e-3' -> 0.001 (YAML 1.1 reads exponents without a dot as strings)."""
+def parse_fraction(s: str) -> Any:
+    """'8/255' -> 0.0313...; '1e-3' -> 0.001 (YAML 1.1 reads exponents without a dot as strings); any
+    other string is returned as it is. The one parser of such values in the package."""
     if _SCI_RE.fullmatch(s.strip()):
         return float(s)
     num, slash, den = s.partition("/")
@@ -590,6 +625,9 @@ def _maybe_fraction(s: str) -> Any:
             return s
         return value if math.isfinite(value) else s
     return s
+
+
+_maybe_fraction = parse_fraction  # the name before it was public
 
 
 def _set(d: dict, parts: list[str], value: Any, text: str) -> None:
@@ -620,7 +658,7 @@ def _fractions(d: Any) -> Any:
     if isinstance(d, list):
         return [_fractions(v) for v in d]
     if isinstance(d, str):
-        return _maybe_fraction(d)
+        return parse_fraction(d)
     return d
 
 

@@ -33,11 +33,13 @@ class MethodSpec:
     lam_mnist: float = 0.0
     lam_cifar: float = 0.0
 
-    def default_lam(self, dataset: str) -> float:
-        """The paper's lambda (section 4.1: MNIST 0.01; 4.2: CIFAR AT-reg 0.1, AT-att-reg 0.01)."""
+    def default_lam(self, family: str | None) -> float:
+        """The paper's lambda for a dataset family (``Config.data_family``: 'mnist', 'cifar' or None for
+        your own data, which takes CIFAR's): section 4.1, MNIST 0.01; 4.2, CIFAR AT-reg 0.1, AT-att-reg
+        0.01."""
         if not self.regularized:
             return 0.0
-        return self.lam_mnist if dataset.startswith("mnist") else self.lam_cifar
+        return self.lam_mnist if family == "mnist" else self.lam_cifar
 
     def with_attention_name(self) -> str:
         return {"at": "at-att", "at-reg": "at-att-reg"}.get(self.name, self.name)

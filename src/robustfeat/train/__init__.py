@@ -1,0 +1,41 @@
+"""Training: ``train(cfg, out_dir)`` and what it is made of.
+
+    loop         train(): the per-step body, validation and checkpoints
+    state        TrainState: step, best, learning-rate scale, counters (round-trips through ``last``)
+    rundir       the run directory: layout, preparation, free-space check, run.json, metrics.jsonl
+    schedule     the optimizer, the learning-rate schedule, the training attack's eps per step
+    extensions   the extension interface and the config's add-ons (EMA, carried starts, GradAlign,
+                 rollback and dead-start guards, eps schedules)
+"""
+
+from __future__ import annotations
+
+from ..seeding import derived_seed
+from .errors import TrainingError
+from .extensions import Batch, CarriedStarts, Extension, Run, Verdict
+from .extensions.dead_start import MAX_RESTARTS
+from .loop import ATTACK_STREAM, EVAL_STREAM, TrainResult, evaluate_split, train
+from .rundir import (
+    BEST,
+    LAST,
+    MetricsLog,
+    check_free_space,
+    checkpoint_bytes,
+    git_revision,
+    machine_info,
+    prepare_run_dir,
+    same_experiment,
+)
+from .schedule import attack_strength, learning_rate, make_optimizer
+from .state import TrainState
+
+# names other modules import from here: _same_experiment (now same_experiment) and derived_seed
+# (robustfeat.seeding)
+_same_experiment = same_experiment
+
+__all__ = [
+    "ATTACK_STREAM", "BEST", "EVAL_STREAM", "LAST", "MAX_RESTARTS", "Batch", "CarriedStarts", "Extension",
+    "MetricsLog", "Run", "TrainResult", "TrainState", "TrainingError", "Verdict", "attack_strength",
+    "check_free_space", "checkpoint_bytes", "derived_seed", "evaluate_split", "git_revision", "learning_rate", "machine_info",
+    "make_optimizer", "prepare_run_dir", "same_experiment", "train",
+]

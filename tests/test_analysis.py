@@ -33,7 +33,7 @@ from robustfeat.analysis import (
 from robustfeat.attacks import attack_from_config
 from robustfeat.cli import main
 from robustfeat.config import AttackConfig, load_config
-from robustfeat.evaluate import to_float_images
+from robustfeat.data import to_float_images
 from robustfeat.models import create_model
 from robustfeat.train import train
 
@@ -270,7 +270,7 @@ def test_pick_examples_and_subset():
 
 def test_figures_write_png_files(tmp_path):
     from robustfeat.analysis import RankAverage
-    from robustfeat.figures import plot_attention_maps, plot_attention_robustness, plot_gradient_maps
+    from robustfeat.analysis.figures import plot_attention_maps, plot_attention_robustness, plot_gradient_maps
 
     r = RankAverage(np.full(64, 1 / 64), np.full(64, 0.01), 10, (8, 8))
     assert _is_png(plot_attention_robustness({"Training set": r, "Test set": r}, tmp_path / "f2.png"))

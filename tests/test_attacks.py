@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustfeat.attacks import attack_mode, cw_margin_loss, pgd
-from robustfeat.evaluate import InvalidAdversary, check_adversary
+from robustfeat.attacks import InvalidAdversary, attack_mode, check_adversary, cw_margin_loss, pgd
 from robustfeat.models import create_model
 
 

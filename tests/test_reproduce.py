@@ -9,6 +9,7 @@ from shared_data import SHARED_DATA
 from robustfeat import reproduce as rp
 from robustfeat.cli import main
 from robustfeat.config import list_presets, load_config, preset_budgets
+from robustfeat.eval.stats import paired_difference
 from robustfeat.train import train
 
 # table1 on the smoke budget, smaller still: the embedded MNIST sample (offline), a few steps
@@ -33,12 +34,12 @@ def tiny_eval(monkeypatch):
 def test_paired_difference_counts_discordant_images_and_gives_mcnemars_exact_p():
     a = [1, 1, 0, 0, 1]
     b = [1, 0, 1, 1, 1]  # b alone right on 2 images, a alone on 1
-    d = rp.paired_difference(a, b)
+    d = paired_difference(a, b)
     assert (d["only_b"], d["only_a"], d["n"]) == (2, 1, 5) and d["diff"] == pytest.approx(20.0)
     assert d["p_mcnemar"] == pytest.approx(1.0)  # 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8, capped at 1
-    d = rp.paired_difference([0] * 10 + [1] * 90, [1] * 100)
+    d = paired_difference([0] * 10 + [1] * 90, [1] * 100)
     assert d["p_mcnemar"] == pytest.approx(2 / 1024) and d["ci95"][0] > 0
-    assert rp.paired_difference([1, 0], [1, 0])["p_mcnemar"] == 1.0
+    assert paired_difference([1, 0], [1, 0])["p_mcnemar"] == 1.0
 
 
 def test_targets_name_the_runs_they_need():

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustfeat import suite
-from robustfeat.attacks import cw_margin_loss, pgd
+from robustfeat.attacks import InvalidAdversary, cw_margin_loss, pgd
 from robustfeat.cli import main
 from robustfeat.config import ConfigError
-from robustfeat.evaluate import InvalidAdversary
-from robustfeat.suite import Row, evaluate_model, masking_checks, pgd_budgets, suite_rows
+from robustfeat.eval import suite
+from robustfeat.eval.checks import masking_checks
+from robustfeat.eval.suite import Row, evaluate_model, pgd_budgets, suite_rows
 
 TINY = [  # as in test_train: trains in seconds on the embedded MNIST sample
     "data.train_size=400",

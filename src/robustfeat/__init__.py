@@ -7,10 +7,9 @@ regularization, and honest robustness evaluation.
 
 __version__ = "0.1.0"
 
-from .api import evaluate_run, load_model
 from .config import list_presets, load_config
+from .eval import evaluate_model, evaluate_run, load_model
 from .models import create_model, list_models
-from .suite import evaluate_model
 from .train import train
 
 __all__ = [

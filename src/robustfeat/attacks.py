@@ -1,9 +1,14 @@
-"""l_inf attacks as pure functions of (model, images, labels, settings).
+"""l_inf attacks as pure functions of (model, images, labels, settings), shared by training and evaluation.
 
 One PGD loop serves every attack of the paper: PGD-k with the cross-entropy loss, "CW-k" (PGD on the
 CW margin loss, as the robustness literature uses the name) and FGSM with random start (steps=1).
 The attack only ever asks for gradients with respect to the input, so the parameters' gradients are
 never computed, and it never touches BatchNorm running statistics (see ``attack_mode``).
+
+Also here, because training's validation needs them as much as evaluation does: ``eval_mode`` (models
+in eval mode, each module's flag restored after), ``check_adversary`` (no number is counted from a
+point outside the threat model) and ``accuracy`` (clean and attacked accuracy of a split). The
+evaluation suite, its checks and reports are the package ``robustfeat.eval``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import AttackConfig
+from .data import batch_starts, to_float_images
 from .registry import Registry
 
 CW_KAPPA = 50.0
@@ -43,6 +49,21 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPP
 
 
 @contextlib.contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """The given models (None entries are skipped) in eval mode inside the block; every module's own
+    train/eval flag is restored afterwards, even if the block raises."""
+    modes = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+@contextlib.contextmanager
 def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
     """Put ``model`` in the BatchNorm mode of an attack and restore every module's state afterwards.
 
@@ -52,22 +73,18 @@ def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
     """
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"bn_mode={bn_mode!r}: expected 'eval' or 'train'")
-    modes = [(m, m.training) for m in model.modules()]
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     tracking = [(m, m.track_running_stats) for m in bns]
-    try:
-        if bn_mode == "eval":
-            model.eval()
-        else:
-            model.train()
-            for m in bns:
-                m.track_running_stats = False
-        yield model
-    finally:
-        for m, t in tracking:
-            m.track_running_stats = t
-        for m, was in modes:
-            m.training = was
+    with eval_mode(model):  # restores every module's train/eval flag on the way out
+        try:
+            if bn_mode == "train":
+                model.train()
+                for m in bns:
+                    m.track_running_stats = False
+            yield model
+        finally:
+            for m, t in tracking:
+                m.track_running_stats = t
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,29 +111,14 @@ def start_noise(
     )
 
 
-def pgd(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    step_size: float,
-    steps: int,
-    restarts: int = 1,
-    random_start: bool = True,
-    loss: str = "ce",
-    bn_mode: str = "eval",
-    generator: torch.Generator | None = None,
-    keep_best: bool = True,
-    noise: torch.Tensor | None = None,
-    start_scale: float = 1.0,
-    project: bool = True,
-    clip_start: bool = True,
-    start: torch.Tensor | None = None,
-) -> torch.Tensor:
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, **options) -> torch.Tensor:
     """l_inf PGD (Madry et al. 2017): x' <- clip_{x, eps}(x' + step_size * sign(grad_x' loss)).
 
     Args:
+        steps: PGD iterations (0: the clean images); ``options`` are those of ``pgd_budgets``:
+            eps, step_size (required), restarts=1, random_start=True, loss="ce" (or "cw"),
+            bn_mode="eval" (see ``attack_mode``), generator=None, keep_best=True, noise=None,
+            start_scale=1.0, project=True, clip_start=True, start=None.
         x: clean images in [0, 1], (B, C, H, W); y: labels (B,).
         restarts: independent random starts; per example the adversary that fools the model is kept.
         keep_best: record, per example, the first iterate that is misclassified and return it even if
@@ -137,12 +139,7 @@ def pgd(
     """
     if steps == 0:
         return x.detach().clone()
-    return pgd_budgets(
-        model, x, y, eps=eps, step_size=step_size, budgets=[steps], restarts=restarts,
-        random_start=random_start, loss=loss, bn_mode=bn_mode, generator=generator,
-        keep_best=keep_best, noise=noise, start_scale=start_scale, project=project, clip_start=clip_start,
-        start=start,
-    )[steps]
+    return pgd_budgets(model, x, y, budgets=[steps], **options)[steps]
 
 
 def pgd_budgets(
@@ -167,11 +164,11 @@ def pgd_budgets(
 ) -> dict[int, torch.Tensor]:
     """{k: the adversary of ``pgd(..., steps=k)``} for every k in ``budgets``, from one run.
 
-    This is the one PGD loop of robustfeat. For each restart the trajectory x_0, x_1, ..., x_K
-    (K = the largest budget) does not depend on the budget, so budget k's adversary is read off the
-    first k steps: with ``keep_best`` the first misclassified iterate among x_0..x_k, else (or if
-    none) x_k; across restarts, an example keeps the first restart that fools the model. PGD-5, 20,
-    100 and 200 thus cost 200 steps, not 325.
+    This is the one PGD loop of robustfeat (the arguments are documented at ``pgd``). For each
+    restart the trajectory x_0, x_1, ..., x_K (K = the largest budget) does not depend on the budget,
+    so budget k's adversary is read off the first k steps: with ``keep_best`` the first misclassified
+    iterate among x_0..x_k, else (or if none) x_k; across restarts, an example keeps the first restart
+    that fools the model. PGD-5, 20, 100 and 200 thus cost 200 steps, not 325.
     """
     loss_fn = LOSSES.get(loss)
     x = x.detach()
@@ -182,56 +179,77 @@ def pgd_budgets(
     results = {k: x.clone() for k in budgets}
     if eps == 0:
         return results
-    fooled = {k: torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for k in budgets}
     # Whether misclassification must be tracked at all: the training path (one budget, one restart,
     # last iterate) skips the per-step argmax and the final forward pass.
     track = keep_best or restarts > 1 or len(budgets) > 1
+    noise = _start_draws(x, restarts, track, random_start, clip_start, noise, start, generator)
+    fooled = {k: torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for k in budgets}
+    with attack_mode(model, bn_mode):
+        for r in range(restarts):
+            x_adv = _start_point(x, None if noise is None else noise[r], start, eps * start_scale, clip_start)
+            for t in range(top + 1):
+                if t == top and not track:
+                    results[top] = x_adv
+                    break
+                logits, grad, x_adv = _forward(model, loss_fn, x_adv, y, with_grad=t < top)
+                if track:
+                    _record(logits.detach().argmax(1) != y, t, x_adv, budgets, keep_best, fooled, results)
+                if grad is not None:
+                    x_adv = x_adv + step_size * grad.sign()
+                    x_adv = _project(x_adv, x, eps) if project else x_adv.clamp_(0.0, 1.0)
+    return {k: v.detach() for k, v in results.items()}
+
+
+def _start_draws(x, restarts, track, random_start, clip_start, noise, start, generator) -> torch.Tensor | None:
+    """Check the start options of ``pgd_budgets``; the random starts' uniform draws (None: no random start)."""
     if not clip_start and track:  # an unclipped start must never be returned as an adversary
         raise ValueError("clip_start=False is for training adversaries only (one budget, one restart, "
                          "keep_best=False)")
     if start is not None and (restarts != 1 or tuple(start.shape) != tuple(x.shape)):
         raise ValueError(f"start has shape {tuple(start.shape)} with {restarts} restarts; expected one start of "
                          f"the images' shape {tuple(x.shape)}")
-    if start is None and random_start and noise is None:
+    if start is not None or not random_start:
+        return None
+    if noise is None:
         noise = start_noise(x.shape, restarts, generator=generator, device=x.device, dtype=x.dtype)
-    if start is None and random_start and tuple(noise.shape) != (restarts, *x.shape):
+    if tuple(noise.shape) != (restarts, *x.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(restarts, *x.shape)}")
-    with attack_mode(model, bn_mode):
-        for r in range(restarts):
-            if start is not None:
-                x_adv = x + start.to(x.dtype)
-            else:
-                x_adv = x + (2.0 * noise[r] - 1.0) * (eps * start_scale) if random_start else x.clone()
-            if clip_start:
-                x_adv.clamp_(0.0, 1.0)
-            for t in range(top + 1):
-                grad = None
-                if t < top:
-                    x_adv.requires_grad_(True)
-                    logits = model(x_adv)
-                    (grad,) = torch.autograd.grad(loss_fn(logits.float(), y).sum(), x_adv)
-                    x_adv = x_adv.detach()
-                elif not track:
-                    results[top] = x_adv
-                    break
-                else:
-                    with torch.no_grad():
-                        logits = model(x_adv)
-                if track:
-                    wrong = logits.detach().argmax(1) != y
-                    for k in budgets:
-                        if t > k or not (keep_best or t == k):
-                            continue
-                        newly = wrong & ~fooled[k]
-                        if keep_best:
-                            results[k] = torch.where(_expand(newly, x), x_adv, results[k])
-                        if t == k:  # end of this restart for budget k: the not yet fooled take x_k
-                            results[k] = torch.where(_expand(fooled[k], x), results[k], x_adv)
-                        fooled[k] |= newly
-                if grad is not None:
-                    x_adv = x_adv + step_size * grad.sign()
-                    x_adv = _project(x_adv, x, eps) if project else x_adv.clamp_(0.0, 1.0)
-    return {k: v.detach() for k, v in results.items()}
+    return noise
+
+
+def _start_point(x, noise, start, radius: float, clip_start: bool) -> torch.Tensor:
+    """x_0 of one restart: x + ``start``, x + a uniform draw in +-radius, or x itself."""
+    if start is not None:
+        x_adv = x + start.to(x.dtype)
+    else:
+        x_adv = x + (2.0 * noise - 1.0) * radius if noise is not None else x.clone()
+    if clip_start:
+        x_adv.clamp_(0.0, 1.0)
+    return x_adv
+
+
+def _forward(model, loss_fn, x_adv, y, with_grad: bool):
+    """(logits, the loss's input gradient or None, x_adv detached) at one iterate."""
+    if not with_grad:
+        with torch.no_grad():
+            return model(x_adv), None, x_adv
+    x_adv.requires_grad_(True)
+    logits = model(x_adv)
+    (grad,) = torch.autograd.grad(loss_fn(logits.float(), y).sum(), x_adv)
+    return logits, grad, x_adv.detach()
+
+
+def _record(wrong, t: int, x_adv, budgets, keep_best: bool, fooled: dict, results: dict) -> None:
+    """Update each budget's adversaries with iterate ``t`` (``wrong``: the examples it misclassifies)."""
+    for k in budgets:
+        if t > k or not (keep_best or t == k):
+            continue
+        newly = wrong & ~fooled[k]
+        if keep_best:
+            results[k] = torch.where(_expand(newly, x_adv), x_adv, results[k])
+        if t == k:  # end of this restart for budget k: the not yet fooled take x_k
+            results[k] = torch.where(_expand(fooled[k], x_adv), results[k], x_adv)
+        fooled[k] |= newly
 
 
 def attack_from_config(
@@ -267,3 +285,63 @@ def attack_from_config(
         clip_start=getattr(cfg, "clip_start", True),
         start=start,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# counting: adversaries are validated before any accuracy is reported
+
+
+class InvalidAdversary(RuntimeError):
+    """An attack produced points outside the threat model: no number is reported from it."""
+
+
+def check_adversary(x: torch.Tensor, x_adv: torch.Tensor, eps: float, tol: float = 1e-6) -> None:
+    """Refuse adversarial examples outside the l_inf ball, outside [0, 1], or non-finite."""
+    if x_adv.shape != x.shape:
+        raise InvalidAdversary(f"adversarial batch has shape {tuple(x_adv.shape)}, expected {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise InvalidAdversary("adversarial batch contains non-finite values")
+    dist = (x_adv - x).abs().amax().item()
+    if dist > eps + tol:
+        raise InvalidAdversary(f"adversarial perturbation {dist:.6g} exceeds eps={eps:.6g} (+{tol:g})")
+    lo, hi = x_adv.amin().item(), x_adv.amax().item()
+    if lo < 0.0 or hi > 1.0:
+        raise InvalidAdversary(f"adversarial pixels outside [0, 1]: min {lo:.6g}, max {hi:.6g}")
+
+
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig | None,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 200,
+    generator: torch.Generator | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Clean accuracy and, if ``attack`` is given, accuracy under it ('pgd_acc').
+
+    ``x`` is uint8 (N, C, H, W) or float in [0, 1]. The model's train/eval state is restored after.
+    Every adversarial batch is validated before it is counted. (Training's validation; the full
+    evaluation suite is ``robustfeat.eval``.)
+    """
+    device = torch.device(device)
+    correct = adv_correct = 0
+    n = len(y)
+    with eval_mode(model):
+        for i in batch_starts(n, batch_size, desc="evaluate", progress=progress, leave=True):
+            xb = to_float_images(x[i : i + batch_size], device, channels_last)
+            yb = y[i : i + batch_size].to(device)
+            with torch.no_grad():
+                correct += int((model(xb).argmax(1) == yb).sum())
+            if attack is not None:
+                xa = attack_from_config(model, xb, yb, attack, generator=generator, keep_best=True)
+                check_adversary(xb, xa, attack.eps)
+                with torch.no_grad():
+                    adv_correct += int((model(xa).argmax(1) == yb).sum())
+    out = {"clean_acc": correct / max(n, 1)}
+    if attack is not None:
+        out["pgd_acc"] = adv_correct / max(n, 1)
+    return out

@@ -32,7 +32,6 @@ no download is needed). Results: ``--json`` prints JSON; ``--out results/bench``
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -312,7 +311,7 @@ def _eval_step(model, cfg, x_u8, y, device, batch: int, channels_last: bool):
     import torch
 
     from .attacks import attack_from_config
-    from .evaluate import to_float_images
+    from .data import to_float_images
 
     xb = to_float_images(x_u8[:batch], device, channels_last)
     yb = y[:batch].to(device)
@@ -328,10 +327,8 @@ def _eval_step(model, cfg, x_u8, y, device, batch: int, channels_last: bool):
     return step
 
 
-def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, steps: int, batch: int | None,
-               attack_steps: int | None, eval_steps: int | None, do_eval: bool, data_size: int,
-               workers: int, peak: float | None, overrides: list[str] | None = None,
-               peak_bf16: float | None = None) -> dict[str, Any]:
+def _case_config(preset: str, batch: int | None, attack_steps: int | None, eval_steps: int | None,
+                 overrides: list[str] | None):
     from .config import load_config
 
     ov = list(overrides or [])
@@ -341,7 +338,52 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
         ov.append(f"attack.steps={attack_steps}")
     if eval_steps is not None:
         ov.append(f"eval_attack.steps={eval_steps}")
-    cfg = load_config(preset, overrides=ov)
+    return load_config(preset, overrides=ov)
+
+
+def _achieved(flops_per_example: float, rate: dict[str, float], peak: float | None) -> dict[str, Any]:
+    """GFLOP/s at the median rate, and its fraction of the matmul ``peak`` when there is one."""
+    out = {"gflops": round(flops_per_example * rate["median"] / 1e9, 2)}
+    if peak:
+        out["peak_fraction"] = round(out["gflops"] / peak, 4)
+    return out
+
+
+def _compare(t: dict[str, dict], peak: float | None, peak_bf16: float | None) -> None:
+    """Rates of every variant against our step's FLOPs (the useful work) and speedups between variants."""
+    if "ours" in t:  # achieved rates are of the useful work: our step's FLOPs
+        useful = t["ours"]["flops_per_example"]
+        for row in t.values():
+            row.update(_achieved(useful, row["examples_per_s"], peak))
+            row["useful_flops_per_example"] = useful
+        for v, row in t.items():
+            if v != "ours":
+                t["ours"][f"speedup_vs_{v}"] = round(t["ours"]["examples_per_s"]["median"]
+                                                    / row["examples_per_s"]["median"], 3)
+    for v, row in t.items():
+        if v not in BF16_VARIANTS:
+            continue
+        if peak_bf16:
+            row["bf16_peak_fraction"] = round(row["gflops"] / peak_bf16, 4)
+        if "textbook" in t:
+            row["speedup_vs_textbook"] = round(row["examples_per_s"]["median"]
+                                               / t["textbook"]["examples_per_s"]["median"], 3)
+
+
+def _trainer(v: str, cfg, x_u8, y, classes: int, device, workers: int):
+    if v == "textbook":
+        return textbook_trainer(cfg, x_u8, y, classes, device, workers=workers)
+    bf16 = v in BF16_VARIANTS
+    return our_trainer(cfg, x_u8, y, classes, device, channels_last=False if v == "ours-nchw" else None,
+                       sync=v != "ours-nosync", precision="bf16" if bf16 else None,
+                       attack_fp32=BF16_VARIANTS.get(v))
+
+
+def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, steps: int, batch: int | None,
+               attack_steps: int | None, eval_steps: int | None, do_eval: bool, data_size: int,
+               workers: int, peak: float | None, overrides: list[str] | None = None,
+               peak_bf16: float | None = None) -> dict[str, Any]:
+    cfg = _case_config(preset, batch, attack_steps, eval_steps, overrides)
     b = cfg.optim.batch_size
     x_u8, y, classes = _synthetic(cfg, max(data_size, 2 * b))
     a, ea = cfg.attack, cfg.eval_attack
@@ -352,45 +394,16 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
                    "bn_mode": a.bn_mode},
         "train": {},
     }
-
-    def gf(flops_per_example: float, rate: dict[str, float]) -> dict[str, Any]:
-        out = {"gflops": round(flops_per_example * rate["median"] / 1e9, 2)}
-        if peak:
-            out["peak_fraction"] = round(out["gflops"] / peak, 4)
-        return out
-
     ours_model = None
     for v in variants:
-        if v == "textbook":
-            model, step = textbook_trainer(cfg, x_u8, y, classes, device, workers=workers)
-        else:
-            bf16 = v in BF16_VARIANTS
-            model, step = our_trainer(cfg, x_u8, y, classes, device,
-                                      channels_last=False if v == "ours-nchw" else None,
-                                      sync=v != "ours-nosync", precision="bf16" if bf16 else None,
-                                      attack_fp32=BF16_VARIANTS.get(v))
+        model, step = _trainer(v, cfg, x_u8, y, classes, device, workers)
         flops = count_flops(lambda step=step: step(10_000)) / b
         rate = time_throughput(step, b, device, warmup=warmup, repeats=repeats, steps=steps)
-        case["train"][v] = {"examples_per_s": rate, "flops_per_example": round(flops), **gf(flops, rate)}
+        case["train"][v] = {"examples_per_s": rate, "flops_per_example": round(flops),
+                            **_achieved(flops, rate, peak)}
         if v == "ours":
             ours_model = model
-    t = case["train"]
-    if "ours" in t:  # achieved rates are of the useful work: our step's FLOPs
-        useful = t["ours"]["flops_per_example"]
-        for v in t:
-            t[v].update(gf(useful, t[v]["examples_per_s"]))
-            t[v]["useful_flops_per_example"] = useful
-        for v in t:
-            if v != "ours":
-                t["ours"][f"speedup_vs_{v}"] = round(t["ours"]["examples_per_s"]["median"]
-                                                    / t[v]["examples_per_s"]["median"], 3)
-    for v in t:
-        if v in BF16_VARIANTS:
-            if peak_bf16:
-                t[v]["bf16_peak_fraction"] = round(t[v]["gflops"] / peak_bf16, 4)
-            if "textbook" in t:
-                t[v]["speedup_vs_textbook"] = round(t[v]["examples_per_s"]["median"]
-                                                    / t["textbook"]["examples_per_s"]["median"], 3)
+    _compare(case["train"], peak, peak_bf16)
     if do_eval:
         if ours_model is None:
             ours_model, _ = our_trainer(cfg, x_u8, y, classes, device)
@@ -400,7 +413,7 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
         rate = time_throughput(step, eb, device, warmup=max(1, min(warmup, 2)), repeats=repeats,
                                steps=max(1, steps // 2))
         case["eval"] = {"attack": f"PGD-{ea.steps}", "restarts": ea.restarts, "batch": eb,
-                        "examples_per_s": rate, "flops_per_example": round(flops), **gf(flops, rate)}
+                        "examples_per_s": rate, "flops_per_example": round(flops), **_achieved(flops, rate, peak)}
     return case
 
 
@@ -428,7 +441,9 @@ def profile_step(preset: str, device, overrides: list[str], row_limit: int = 20)
 # report
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run_bench(args) -> dict[str, Any]:
+    """The whole benchmark; ``args`` has the options of ``robustfeat bench`` as attributes (an
+    ``argparse.Namespace`` or any object with them) and ``command_line``, the command recorded."""
     import torch
 
     from .build import resolve_device
@@ -526,6 +541,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_results(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    from .checkpoint import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = report["machine"]
@@ -534,7 +551,7 @@ def write_results(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
         dev = "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in m["gpu"]).strip("-").lower()
     stem = f"{dev}-{report['date'][:10]}"
     js, md = out / f"{stem}.json", out / f"{stem}.md"
-    js.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(js, json.dumps(report, indent=2) + "\n")
     text = [f"# robustfeat bench: {stem}", "", f"- command: `{report['command']}`",
             f"- revision: {report['revision']}", f"- date: {report['date']}",
             f"- machine: {json.dumps(m)}", f"- settings: {json.dumps(report['settings'])}", "",
@@ -542,76 +559,5 @@ def write_results(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
     if "profile" in report:
         text += [f"## Profile of our step ({report['profile']['preset']})", "", "```",
                  report["profile"]["table"], "```", ""]
-    md.write_text("\n".join(text))
+    atomic_write_text(md, "\n".join(text))
     return js, md
-
-
-# ---------------------------------------------------------------------------------------------------------
-# command line
-
-
-_OPTIONS = ("presets", "variants", "warmup", "repeats", "steps", "batch", "attack_steps", "eval_steps",
-            "no_eval", "data_size", "workers", "matmul_size", "device", "threads", "set", "profile", "json", "out")
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The ``robustfeat bench`` command that reproduces ``args`` (every option spelled out)."""
-    parts = ["robustfeat", "bench"]
-    for name in _OPTIONS:
-        v = getattr(args, name, None)
-        flag = "--" + name.replace("_", "-")
-        if v is None or v is False:
-            continue
-        if v is True:
-            parts.append(flag)
-        elif isinstance(v, list):
-            parts += [x for item in v for x in (flag, item)]
-        else:
-            parts += [flag, str(v)]
-    return " ".join(parts)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    args.command_line = command_line(args)
-    report = run_bench(args)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_table(report))
-        if "profile" in report:
-            print(report["profile"]["table"])
-    if args.out:
-        js, md = write_results(report, args.out)
-        print(f"written to {js} and {md}", file=sys.stderr if args.json else sys.stdout)
-    return 0
-
-
-def register_cli(sub) -> None:
-    s = sub.add_parser(
-        "bench", help="training / PGD evaluation throughput and FLOP/s, against a textbook loop",
-        description="Measure, on this device, training throughput (attack included) of our step and of a "
-        "textbook adversarial-training loop, PGD evaluation throughput, FLOPs per example and the achieved "
-        "fraction of the device's fp32 matmul rate. For results/bench/: run on a quiet machine with the "
-        "defaults and --out results/bench (see benchmarks/README.md).",
-    )
-    s.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
-                   help=f"comma-separated presets to measure (default {','.join(DEFAULT_PRESETS)})")
-    s.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"training steps to time: {', '.join(ALL_VARIANTS)} (default ours,textbook)")
-    s.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
-    s.add_argument("--repeats", type=int, default=5, help="timed repeats (default 5); median and spread")
-    s.add_argument("--steps", type=int, default=2, help="training steps per timed repeat (default 2)")
-    s.add_argument("--batch", type=int, help="batch size (default: the preset's)")
-    s.add_argument("--attack-steps", type=int, help="training attack steps (default: the preset's)")
-    s.add_argument("--eval-steps", type=int, help="evaluation PGD steps (default: the preset's, PGD-20 on CIFAR)")
-    s.add_argument("--no-eval", action="store_true", help="skip the PGD evaluation throughput")
-    s.add_argument("--data-size", type=int, default=2048, help="synthetic training images (default 2048)")
-    s.add_argument("--workers", type=int, default=0, help="DataLoader workers of the textbook loop (default 0)")
-    s.add_argument("--matmul-size", type=int, default=2048, help="N of the N x N fp32 matmul peak; 0 = skip")
-    s.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every case")
-    s.add_argument("--profile", action="store_true", help="add the operator profile of the first case's step")
-    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    s.add_argument("--out", metavar="DIR", help="also write DIR/<device>-<date>.json and .md")
-    s.set_defaults(func=cmd_bench)

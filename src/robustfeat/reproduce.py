@@ -20,17 +20,36 @@ Layout of DIR (default ``results/TARGET-BUDGET``):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from .analysis.pipeline import (
+    FIGURE_IMAGES,
+    attention_maps_of_run,
+    attention_robustness,
+    gradient_classification,
+    gradient_maps_of_runs,
+)
+from .checkpoint import atomic_write_text, read_checkpoint
+from .config import ConfigError, load_config, preset_budgets
+from .eval.load import checkpoint_path, file_sha256
+from .eval.paper import PAPER_CLASSIFIER_TEST_ACC, PAPER_TABLE4, paper_results
+from .eval.report import percent
+from .eval.run import evaluate_run
+from .eval.stats import paired_difference
+from .registry import suggest
+from .train import LAST, TrainingError, _same_experiment, git_revision, machine_info, train
 
 SEEDS = (0, 1)
 """Seed 0 is evaluated; seed 1 is the black-box source (same preset, other seed)."""
@@ -46,8 +65,6 @@ EVAL_N: dict[str, dict[str, int | None]] = {
 ANALYSIS_N: dict[str, int | None] = {"paper": None, "cpu": 1000, "fast": 1000, "smoke": 16}
 """Images per split for Figure 2 and Table 4 (None: the whole training and test sets)."""
 
-FIGURE_IMAGES = 10  # Figures 3 and 4: one test image per class
-ANALYSIS_SEED = 42
 
 
 @dataclass(frozen=True)
@@ -107,11 +124,8 @@ def plan(target: str) -> list[RunSpec]:
 
 
 def _target(name: str) -> Target:
-    from .cli import CLIError
-    from .registry import suggest
-
     if name not in TARGETS:
-        raise CLIError(f"unknown target {name!r}{suggest(name, list(TARGETS))}; known: {', '.join(TARGETS)}")
+        raise ConfigError(f"unknown target {name!r}{suggest(name, list(TARGETS))}; known: {', '.join(TARGETS)}")
     return TARGETS[name]
 
 
@@ -128,8 +142,6 @@ def eval_n(budget: str, dataset: str) -> int | None:
 
 
 def run_config(spec: RunSpec, budget: str, overrides: list[str], data_dir: str | None):
-    from .config import load_config
-
     cfg = load_config(spec.preset, budget, [*overrides, f"run.seed={spec.seed}"])
     if data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=data_dir))
@@ -139,9 +151,6 @@ def run_config(spec: RunSpec, budget: str, overrides: list[str], data_dir: str |
 def run_state(run_dir: Path, cfg) -> tuple[str, int]:
     """('new' | 'partial' | 'done', step of the last checkpoint). A run directory trained with another
     config is refused (it would mix budgets in one table)."""
-    from .checkpoint import read_checkpoint
-    from .train import LAST, TrainingError, _same_experiment
-
     last = run_dir / LAST
     if not last.exists():
         return ("partial" if (run_dir / "config.yaml").exists() else "new"), 0
@@ -187,8 +196,6 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def train_runs(specs, budget, runs_dir: Path, overrides, data_dir, progress: bool, quiet: bool) -> dict:
-    from .train import train
-
     out = {}
     for spec in specs:
         cfg = run_config(spec, budget, overrides, data_dir)
@@ -212,18 +219,13 @@ def train_runs(specs, budget, runs_dir: Path, overrides, data_dir, progress: boo
 
 
 def _best_sha(run_dir: Path) -> str:
-    from .api import checkpoint_path
-    from .eval_run import _sha256
-
-    return _sha256(checkpoint_path(run_dir, "best"))
+    return file_sha256(checkpoint_path(run_dir, "best"))
 
 
-def evaluate(run_dir: Path, source: Path | None, n: int | None, data_dir, progress: bool, quiet: bool,
+def evaluate_once(run_dir: Path, source: Path | None, n: int | None, data_dir, progress: bool, quiet: bool,
              suite: str = "paper") -> dict:
     """``suite`` (the paper's) on ``run_dir``'s best checkpoint (black box from ``source``); skipped
     when eval/eval.json already holds it for the same checkpoints and sample size."""
-    from .eval_run import evaluate_run_suite
-
     f = run_dir / "eval" / "eval.json"
     if f.exists():
         try:
@@ -238,7 +240,7 @@ def evaluate(run_dir: Path, source: Path | None, n: int | None, data_dir, progre
             return old
     _log(f"{run_dir.name}: {suite} suite on {'all' if n is None else n} test images"
          + (f", black box from {source.name}" if source else ""), quiet)
-    res = evaluate_run_suite(run_dir, suite=suite, source=source, n=n, data_dir=data_dir, progress=progress)
+    res = evaluate_run(run_dir, suite=suite, source=source, n=n, data_dir=data_dir, progress=progress)
     return json.loads(f.read_text()) if f.exists() else res
 
 
@@ -254,103 +256,54 @@ def _same_sample(old: dict, n: int | None) -> bool:
 
 
 def run_analysis(kind: str, runs: dict, budget: str, out: Path, data_dir, progress: bool) -> dict:
-    import torch
-
-    from .analysis import (
-        PAPER_CLASSIFIER_TEST_ACC,
-        PAPER_TABLE4,
-        analysis_attack,
-        attention_maps,
-        attention_vs_robustness,
-        gradient_map_accuracy,
-        gradient_maps,
-        pick_examples,
-        prepare_maps,
-        subset,
-        untrained_control,
-    )
-    from .api import load_run
-    from .build import build_splits
-    from .evaluate import accuracy, to_float_images
-    from .figures import plot_attention_maps, plot_attention_robustness, plot_gradient_maps
-    from .train import derived_seed
-
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
+    """The target's analysis (``robustfeat.analysis.pipeline``, as ``robustfeat analyze`` computes it) on
+    the best checkpoints of ``runs``: its figure under OUT/figures/ and its numbers for the README."""
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     n = ANALYSIS_N.get(budget, ANALYSIS_N["cpu"])
-    loaded = {k: load_run(r["dir"], "best", dev) for k, r in runs.items()}
-    first = next(iter(loaded.values()))
-    splits = build_splits(first[1], data_dir)
-    classes = splits.dataset.classes
     res: dict[str, Any] = {"kind": kind, "n_per_split": n, "figures": []}
-
-    if kind == "attention-robustness":
-        name, (model, cfg, _meta) = next(iter(loaded.items()))
-        attack = analysis_attack(cfg.attack)
-        untrained = untrained_control(cfg, splits.dataset.num_classes, splits.dataset.image_shape[0], dev,
-                                      derived_seed(ANALYSIS_SEED, 2))
-        panels, controls, res["splits"] = {}, {}, {}
-        for k, (split, x, y) in enumerate((("train", splits.x_train, splits.y_train),
-                                          ("test", splits.x_test, splits.y_test))):
-            xs, ys = subset(x, y, n, derived_seed(ANALYSIS_SEED, k))
-            panel = f"{'Training' if split == 'train' else 'Test'} set"
-            out_r = {}
-            for key, m in (("trained", model), ("control", untrained)):
-                gen = torch.Generator(device=dev).manual_seed(derived_seed(ANALYSIS_SEED + 1, k))
-                out_r[key] = attention_vs_robustness(m, xs, ys, attack, device=dev, generator=gen,
-                                                     progress=progress)
-            r, c = out_r["trained"], out_r["control"]
-            panels[panel], controls[panel] = r, c
-            res["splits"][split] = {"n": r.n, "spearman_rank_vs_weight": r.spearman,
-                                    "weight_rank0": float(r.mean[0]), "weight_last_rank": float(r.mean[-1]),
-                                    "uniform_weight": 1.0 / len(r.mean), "mean_by_rank": r.mean.tolist(),
-                                    "control_spearman": c.spearman, "control_weight_rank0": float(c.mean[0]),
-                                    "control_mean_by_rank": c.mean.tolist()}
-        plot_attention_robustness(panels, figs / "figure2_attention_robustness.png", controls=controls,
-                                  title=f"Attention weight vs. feature robustness: {name}")
-        res["figures"].append("figures/figure2_attention_robustness.png")
-    elif kind == "attention-maps":
-        name, (model, _cfg, _meta) = next(iter(loaded.items()))
-        idx = pick_examples(splits.y_test, FIGURE_IMAGES)
-        x = to_float_images(splits.x_test[idx], dev)
-        _w, up, pred = attention_maps(model, x, device=dev)
-        rel = up * (up.shape[-2] * up.shape[-1])
-        plot_attention_maps(x.cpu(), rel, [classes[int(c)] for c in splits.y_test[idx]],
-                            figs / "figure3_attention_maps.png", predictions=[classes[int(c)] for c in pred],
-                            title=f"Attention maps at the last residual block: {name}")
-        res["figures"].append("figures/figure3_attention_maps.png")
-        res["images"] = idx.tolist()
-    elif kind == "gradient-maps":
-        idx = pick_examples(splits.y_test, FIGURE_IMAGES)
-        x = to_float_images(splits.x_test[idx], dev)
-        y = splits.y_test[idx].to(dev)
-        rows = [(f"{cfg.name}\n{PAPER_TABLE4.get(cfg.name, {}).get('label', '')}",
-                 prepare_maps(gradient_maps(model, x, y)).cpu()) for model, cfg, _ in loaded.values()]
-        plot_gradient_maps(x.cpu(), rows, [classes[int(c)] for c in y], figs / "figure4_gradient_maps.png",
-                           title="Gradient maps: d cross-entropy / d input",
-                           note="clipped to mean +- 3 s.d. per image, then rescaled to [0, 1]")
-        res["figures"].append("figures/figure4_gradient_maps.png")
-        res["images"] = idx.tolist()
-    elif kind == "gradient-classification":
-        clf_name = next(k for k, r in runs.items() if r["role"] == "classifier")
-        clf = loaded[clf_name][0]
-        data = {s: subset(x, y, n, derived_seed(ANALYSIS_SEED, 10 + k)) for k, (s, x, y) in
-                enumerate((("train", splits.x_train, splits.y_train), ("test", splits.x_test, splits.y_test)))}
-        res["classifier"] = {"run": clf_name, "clean_test_acc": accuracy(
-            clf, *data["test"], None, device=dev, progress=False)["clean_acc"],
-            "paper_clean_test_acc": PAPER_CLASSIFIER_TEST_ACC}
-        res["rows"] = {}
-        for k, (model, cfg, _) in loaded.items():
-            if k == clf_name:
-                continue
-            row = {}
-            for s, (x, y) in data.items():
-                for v, a in gradient_map_accuracy(model, clf, x, y, device=dev, progress=progress).items():
-                    row[f"{v}_{s}"] = a
-            res["rows"][k] = {"preset": cfg.name, "ours": row, "paper": PAPER_TABLE4.get(cfg.name)}
-        res["n"] = {s: len(y) for s, (_, y) in data.items()}
+    _ANALYSES[kind](res, runs, n, out, data_dir, progress)
     return res
+
+
+def _figure2(res: dict, runs: dict, n, out: Path, data_dir, progress: bool) -> None:
+    name, run = next(iter(runs.items()))
+    a = attention_robustness(run["dir"], n=n, data_dir=data_dir, progress=progress)
+    res["splits"] = {split: a.split_summary(split) for split in a.trained}
+    a.plot(out / "figures/figure2_attention_robustness.png", f"Attention weight vs. feature robustness: {name}")
+    res["figures"].append("figures/figure2_attention_robustness.png")
+
+
+def _figure3(res: dict, runs: dict, n, out: Path, data_dir, progress: bool) -> None:
+    name, run = next(iter(runs.items()))
+    m = attention_maps_of_run(run["dir"], n=FIGURE_IMAGES, data_dir=data_dir)
+    m.plot(out / "figures/figure3_attention_maps.png", f"Attention maps at the last residual block: {name}")
+    res["figures"].append("figures/figure3_attention_maps.png")
+    res["images"] = m.indices.tolist()
+
+
+def _figure4(res: dict, runs: dict, n, out: Path, data_dir, progress: bool) -> None:
+    g = gradient_maps_of_runs([r["dir"] for r in runs.values()], n=FIGURE_IMAGES, data_dir=data_dir)
+    labels = [f"{r.cfg.name}\n{PAPER_TABLE4.get(r.cfg.name, {}).get('label', '')}" for r in g.runs]
+    g.plot(out / "figures/figure4_gradient_maps.png", labels,
+           note="clipped to mean +- 3 s.d. per image, then rescaled to [0, 1]")
+    res["figures"].append("figures/figure4_gradient_maps.png")
+    res["images"] = g.indices.tolist()
+
+
+def _table4(res: dict, runs: dict, n, out: Path, data_dir, progress: bool) -> None:
+    clf_name = next(k for k, r in runs.items() if r["role"] == "classifier")
+    names = [k for k in runs if k != clf_name]
+    t = gradient_classification(runs[clf_name]["dir"], [runs[k]["dir"] for k in names], n=n, data_dir=data_dir,
+                                progress=progress)
+    res["classifier"] = {"run": clf_name, "clean_test_acc": t.classifier_acc,
+                         "paper_clean_test_acc": PAPER_CLASSIFIER_TEST_ACC}
+    res["rows"] = {k: {"preset": run.cfg.name, "ours": acc, "paper": PAPER_TABLE4.get(run.cfg.name)}
+                   for k, run, acc in zip(names, t.runs, t.accuracy, strict=True)}
+    res["n"] = t.n
+
+
+_ANALYSES = {"attention-robustness": _figure2, "attention-maps": _figure3, "gradient-maps": _figure4,
+             "gradient-classification": _table4}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -370,18 +323,13 @@ def reproduce(
 ) -> dict[str, Any]:
     """Train, evaluate and analyse everything ``target`` needs under ``budget``; write DIR/README.md
     and DIR/reproduce.json; returns the summary. Finished work is skipped, interrupted runs resumed."""
-    from .checkpoint import atomic_write_text
-    from .config import preset_budgets
-
     t0 = time.time()
     t = _target(target)
     overrides = list(overrides or [])
     for p in t.presets:
         if budget not in preset_budgets(p):
-            from .cli import CLIError
-
-            raise CLIError(f"budget {budget!r} is not defined for preset {p}; known: {', '.join(preset_budgets(p))}")
-    out = Path(out) if out is not None else Path("results") / f"{target}-{budget}"
+            raise ConfigError(f"budget {budget!r} is not defined for preset {p}; known: {', '.join(preset_budgets(p))}")
+    out = default_out(target, budget) if out is None else Path(out)
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     out.mkdir(parents=True, exist_ok=True)
     specs = plan(target)
@@ -399,12 +347,12 @@ def reproduce(
             d = Path(runs[s.name]["dir"])
             src = runs_dir / RunSpec(s.preset, 1, "").name if t.blackbox else None
             n = eval_n(budget, runs[s.name]["cfg"].data.name)
-            evals[s.preset] = evaluate(d, src, n, data_dir, progress, quiet)
+            evals[s.preset] = evaluate_once(d, src, n, data_dir, progress, quiet)
             if t.blackbox:
                 # training-seed control: the seed-1 copy on the same test images (quick suite: natural, the
                 # preset's PGD, CW-30), so two seeds of one method can be compared like two methods. The
                 # size is the seed-0 evaluation's (quick alone would default to a 1,000-image subset).
-                controls[s.preset] = evaluate(src, None, evals[s.preset]["n"], data_dir, progress, quiet,
+                controls[s.preset] = evaluate_once(src, None, evals[s.preset]["n"], data_dir, progress, quiet,
                                               suite="quick")
     analysis = None
     if t.analysis:
@@ -420,8 +368,6 @@ def reproduce(
 
 def _config_changes(preset: str, budget: str, overrides: list[str]) -> list[str]:
     """'key: paper value -> this budget's value' for every setting the budget (and overrides) change."""
-    from .config import load_config
-
     a = load_config(preset).to_dict()
     b = load_config(preset, budget, overrides).to_dict()
     out = []
@@ -444,12 +390,6 @@ def _fmt(v) -> str:
 
 def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0,
              controls=None) -> dict:
-    import torch
-
-    from .checkpoint import read_checkpoint
-    from .paper_results import paper_results
-    from .train import LAST, git_revision, machine_info
-
     run_rows = []
     for name, r in runs.items():
         d = Path(r["dir"])
@@ -504,8 +444,9 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
 # README
 
 
-def _pct(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+def _pct(v: float | None) -> str:
+    """Accuracy in points (already multiplied by 100), two decimals, no unit."""
+    return percent(v, scale=1, unit="")
 
 
 def _signed(v: float | None) -> str:
@@ -620,9 +561,6 @@ def _results_section(s: dict) -> list[str]:
 
 def _per_example(run_dir: Path) -> dict[str, Any] | None:
     """eval/per_example.safetensors of a run: row id -> robust flags (bool array), plus 'indices'."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     f = run_dir / "eval" / "per_example.safetensors"
     try:
         d = load_file(str(f))
@@ -630,25 +568,6 @@ def _per_example(run_dir: Path) -> dict[str, Any] | None:
         return None
     return {k.replace(".", "/", 1) if k != "indices" else k: (v if k == "indices" else v.astype(bool))
             for k, v in d.items()}
-
-
-def paired_difference(a, b) -> dict[str, float]:
-    """Accuracy of b minus a on the same examples (robust flags a, b): the difference in points, its 95%
-    interval (Wald, paired) and the exact two-sided McNemar p-value of the discordant pairs."""
-    import numpy as np
-
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    n = len(a)
-    only_b, only_a = int((b & ~a).sum()), int((a & ~b).sum())
-    d = (only_b - only_a) / n
-    se = math.sqrt(max(only_b + only_a - (only_b - only_a) ** 2 / n, 0.0)) / n
-    m = only_a + only_b
-    k = min(only_a, only_b)
-    # exact binomial tail of the discordant pairs; lgamma keeps it finite for thousands of pairs
-    tail = sum(math.exp(math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) - m * math.log(2))
-               for i in range(k + 1)) if m else 0.5
-    return {"diff": 100 * d, "ci95": [100 * (d - 1.96 * se), 100 * (d + 1.96 * se)], "only_a": only_a,
-            "only_b": only_b, "n": n, "p_mcnemar": min(1.0, 2 * tail)}
 
 
 def _comparisons(results: dict, controls: dict, runs: dict) -> list[dict]:
@@ -760,42 +679,20 @@ def _analysis_section(a: dict) -> list[str]:
     return [*L, ""]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# command line
+def default_out(target: str, budget: str) -> Path:
+    return Path("results") / f"{target}-{budget}"
 
 
-def register_cli(sub) -> None:
-    s = sub.add_parser(
-        "reproduce", help="train, evaluate and analyse everything a paper table or figure needs",
-        description="Reproduce a table or figure of the paper: trains every model it needs (seeds 0 and 1 "
-        "for black-box rows), evaluates with the paper's suite, runs the analyses and writes DIR/README.md "
-        "with our numbers beside the paper's. Re-running skips finished work and resumes interrupted runs.")
-    s.add_argument("target", choices=list(TARGETS), metavar="TARGET", help=", ".join(TARGETS))
-    s.add_argument("--budget", default="cpu",
-                   help="paper (published schedules), cpu (short CPU schedules, default), fast (FGSM-RS, "
-                   "beyond the paper) or smoke (seconds, for checks)")
-    s.add_argument("--out", help="output directory (default results/TARGET-BUDGET)")
-    s.add_argument("--runs", help="where the run directories live (default OUT/runs); share it between targets")
-    s.add_argument("--data-dir", help="data directory (default $ROBUSTFEAT_DATA, else the user cache)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value of every run (recorded in the README; not a paper setting)")
-    s.add_argument("--dry-run", action="store_true", help="print the runs the target needs and their state")
-    s.add_argument("--quiet", action="store_true", help="no progress output")
-    s.set_defaults(func=cmd_reproduce)
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        out = Path(args.out) if args.out else Path("results") / f"{args.target}-{args.budget}"
-        runs_dir = Path(args.runs) if args.runs else out / "runs"
-        for spec in plan(args.target):
-            cfg = run_config(spec, args.budget, args.set, args.data_dir)
-            state, step = run_state(runs_dir / spec.name, cfg)
-            print(f"{spec.name:<34} {spec.role:<17} {state:<8} step {step:,}/{cfg.optim.steps:,} "
-                  f"({cfg.optim.steps * cfg.optim.batch_size:,} examples)")
-        return 0
-    s = reproduce(args.target, args.budget, args.out, runs_dir=args.runs, overrides=args.set,
-                  data_dir=args.data_dir, progress=not args.quiet and sys.stderr.isatty(), quiet=args.quiet)
-    print(f"done: {s['title']} ({s['budget']} budget); report in "
-          f"{Path(args.out) if args.out else Path('results') / (args.target + '-' + args.budget)}/README.md")
-    return 0
+def dry_run(target: str, budget: str, out: str | os.PathLike | None = None, *,
+            runs_dir: str | os.PathLike | None = None, overrides: list[str] | None = None,
+            data_dir: str | None = None) -> list[str]:
+    """One line per run the target needs: name, role, state (new / partial / done) and steps."""
+    out = default_out(target, budget) if out is None else Path(out)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    lines = []
+    for spec in plan(target):
+        cfg = run_config(spec, budget, list(overrides or []), data_dir)
+        state, step = run_state(runs_dir / spec.name, cfg)
+        lines.append(f"{spec.name:<34} {spec.role:<17} {state:<8} step {step:,}/{cfg.optim.steps:,} "
+                     f"({cfg.optim.steps * cfg.optim.batch_size:,} examples)")
+    return lines

@@ -2,7 +2,7 @@
 
 from .datasets import DATASETS, Dataset, load_dataset, read_idx, resolve_data_dir
 from .download import DataError, download_file, md5_file, safe_extract, verify_md5
-from .loader import DeviceLoader, augment_batch, train_val_split
+from .loader import DeviceLoader, augment_batch, batch_starts, to_float_images, train_val_split
 
 __all__ = [
     "DATASETS",
@@ -10,12 +10,14 @@ __all__ = [
     "Dataset",
     "DeviceLoader",
     "augment_batch",
+    "batch_starts",
     "download_file",
     "load_dataset",
     "md5_file",
     "read_idx",
     "resolve_data_dir",
     "safe_extract",
+    "to_float_images",
     "train_val_split",
     "verify_md5",
 ]

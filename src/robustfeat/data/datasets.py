@@ -356,6 +356,18 @@ def _to_chw(x: np.ndarray, key: str, label: str) -> np.ndarray:
     raise DataError(f"{label}: {key} has shape {x.shape}; expected (N, H, W), (N, H, W, C) or (N, C, H, W)")
 
 
+def _npz_labels(y: np.ndarray, key: str, x: np.ndarray, label: str) -> np.ndarray:
+    """The labels ``key`` of an .npz dataset as int64, checked against their images ``x``."""
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise DataError(f"{label}: {key} must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
+    if len(y) != len(x):
+        xk = "x" + key[1:]
+        raise DataError(f"{label}: {key} has {len(y)} labels but {xk} has {len(x)} images")
+    if y.size and y.min() < 0:
+        raise DataError(f"{label}: {key} has negative label {int(y.min())}")
+    return y.astype(np.int64)
+
+
 def _read_npz(src, *, name: str, label: str) -> Dataset:
     try:
         f = np.load(src, allow_pickle=False)
@@ -390,17 +402,7 @@ def _read_npz(src, *, name: str, label: str) -> Dataset:
         raise DataError(
             f"{label}: x_train images are {x_train.shape[1:]} (CHW) but x_test images are {x_test.shape[1:]}"
         )
-    ys = {}
-    for k, x in (("y_train", x_train), ("y_test", x_test)):
-        y = arrays[k]
-        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
-            raise DataError(f"{label}: {k} must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
-        if len(y) != len(x):
-            xk = "x" + k[1:]
-            raise DataError(f"{label}: {k} has {len(y)} labels but {xk} has {len(x)} images")
-        if y.size and y.min() < 0:
-            raise DataError(f"{label}: {k} has negative label {int(y.min())}")
-        ys[k] = y.astype(np.int64)
+    ys = {k: _npz_labels(arrays[k], k, x, label) for k, x in (("y_train", x_train), ("y_test", x_test))}
     if len(x_train) == 0:
         raise DataError(f"{label}: x_train is empty")
     top = max(int(y.max()) for y in ys.values() if y.size)

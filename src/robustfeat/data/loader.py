@@ -8,7 +8,7 @@ uninterrupted run would have seen, with no RNG state to save.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -16,7 +16,7 @@ from ..seeding import derived_seed
 from .datasets import Dataset
 from .download import DataError
 
-__all__ = ["DeviceLoader", "augment_batch", "train_val_split"]
+__all__ = ["DeviceLoader", "augment_batch", "batch_starts", "to_float_images", "train_val_split"]
 
 _PERM_STREAM = 0x5045524D  # "PERM"
 _AUG_STREAM = 0x41554721  # "AUG!"
@@ -30,6 +30,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def step_seed(seed: int, step: int) -> int:
     """Seed of the generator that draws step ``step``'s augmentation."""
     return derived_seed(seed, _AUG_STREAM, step)
+
+
+def to_float_images(
+    x: torch.Tensor, device: torch.device | str | None = None, channels_last: bool = False
+) -> torch.Tensor:
+    """Images as float in [0, 1] on ``device``: uint8 is divided by 255 (and laid out channels_last if
+    asked), float images are only moved and cast to float32."""
+    if x.dtype != torch.uint8:
+        return x.to(device).float()
+    x = x.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def batch_starts(n: int, batch_size: int, *, desc: str = "", progress: bool = False, unit: str = "batch",
+                 leave: bool = False) -> Iterable[int]:
+    """0, batch_size, 2 * batch_size, ... below ``n``, with a progress bar when ``progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(0, n, batch_size), desc=desc, unit=unit, disable=not progress, leave=leave)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -133,10 +152,7 @@ class DeviceLoader:
         return self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
 
     def _finish(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = xb.float().div_(255.0)
-        if self.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb
+        return to_float_images(xb, self.device, self.channels_last)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x float32 in [0, 1] of shape (B, C, H, W), y int64) for global training step ``step``."""

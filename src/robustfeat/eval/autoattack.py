@@ -14,11 +14,13 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
-from tqdm.auto import tqdm
 
-from .evaluate import check_adversary, to_float_images
+from ..attacks import check_adversary
+from ..checkpoint import atomic_write_bytes
+from ..data import batch_starts, to_float_images
 
 CHUNK = 1000
 
@@ -58,12 +60,12 @@ def run_autoattack(
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed % 2**31)
-    for start in tqdm(range(0, n, chunk), desc="AutoAttack", unit="chunk", disable=not progress, leave=False):
+    for start in batch_starts(n, chunk, desc="AutoAttack", unit="chunk", progress=progress):
         idx = clean[start : start + chunk].nonzero().squeeze(1) + start
         if len(idx) == 0:
             continue
         xc = x[idx]
-        xc = to_float_images(xc, device, channels_last) if xc.dtype == torch.uint8 else xc.to(device).float()
+        xc = to_float_images(xc, device, channels_last)
         yc = y[idx].to(device)
         path = None
         if state is not None:
@@ -73,9 +75,7 @@ def run_autoattack(
         else:
             x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=batch_size)
             if path is not None:
-                tmp = path.with_suffix(".tmp")
-                save_file({"x_adv": x_adv.detach().cpu().contiguous()}, str(tmp))
-                tmp.replace(path)
+                atomic_write_bytes(path, save_tensors({"x_adv": x_adv.detach().cpu().contiguous()}))
         x_adv = x_adv.to(xc.dtype)
         if channels_last and x_adv.dim() == 4:
             x_adv = x_adv.contiguous(memory_format=torch.channels_last)

@@ -1,11 +1,12 @@
 """Matplotlib figures of the analyses (Agg backend, PNG files): Figures 2, 3 and 4 of the paper.
 
-Inputs are plain arrays/tensors from ``robustfeat.analysis``; nothing here touches a model.
+Inputs are plain arrays/tensors from ``robustfeat.analysis.measures``; nothing here touches a model.
 Images are (C, H, W) floats in [0, 1] and are shown in their true colours (grayscale for one channel).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .analysis import RankAverage
+from ..checkpoint import atomic_write_bytes
+from .measures import RankAverage
 
 MAX_COLS = 10
 DPI = 150
@@ -35,11 +37,10 @@ def _hwc(img: torch.Tensor | np.ndarray) -> tuple[np.ndarray, dict]:
 
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -1,7 +1,8 @@
-"""The published accuracies (%) of the paper's robustness tables, keyed by preset and suite row.
+"""The published numbers of the paper: the robustness tables' accuracies (%), keyed by preset and suite
+row, and Table 4 (a natural classifier on gradient maps).
 
 Copied from the paper's Tables 1, 2, 3 and 5 (``robustfeat eval`` prints them beside ours when a run
-was trained from one of these presets). Row ids are those of ``robustfeat.suite``: ``natural``,
+was trained from one of these presets). Row ids are those of ``robustfeat.eval.suite``: ``natural``,
 ``whitebox/pgd-K``, ``whitebox/cw-K``, ``blackbox/pgd-K``, ``blackbox/cw-K``. Table 1 (MNIST) reports
 one white-box and one black-box number: PGD-40 with eps 0.3, step 0.01 (section 4.1).
 """
@@ -94,3 +95,20 @@ PAPER_RESULTS: dict[str, dict] = {
 def paper_results(preset: str) -> dict | None:
     """The published numbers of a preset, or None when the paper has no column for it."""
     return PAPER_RESULTS.get(preset)
+
+
+# Table 4 of the paper: accuracy of the natural ResNet (88.79% clean test accuracy) on gradient maps.
+PAPER_TABLE4 = {
+    "cifar10-at": {
+        "label": "Madry et al. (2017)",
+        "clipped": {"train": 0.2710, "test": 0.2678},
+        "raw": {"train": 0.2860, "test": 0.2872},
+    },
+    "cifar10-at-att-reg": {
+        "label": "Ours (AT-att-reg)",
+        "clipped": {"train": 0.3011, "test": 0.3032},
+        "raw": {"train": 0.3146, "test": 0.3159},
+    },
+}
+PAPER_TABLE4_CLASSIFIER = "cifar10-natural"
+PAPER_CLASSIFIER_TEST_ACC = 0.8879

@@ -7,8 +7,8 @@
     gradient_map_accuracy(model, classifier, ...) # Table 4: a natural classifier labels the maps
 
 Every function takes images in [0, 1] (or uint8, converted batch by batch) in (B, C, H, W), the
-layout every robustfeat model reads; nothing here plots or writes files (see ``figures`` and
-``analyze_cli``).
+layout every robustfeat model reads; nothing here loads runs, plots or writes files (see
+``robustfeat.analysis.pipeline`` and ``robustfeat.analysis.figures``).
 
 Readings of the paper where it leaves room (documented once, here):
 
@@ -42,10 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .attacks import attack_from_config
-from .config import AttackConfig
+from ..attacks import attack_from_config, eval_mode
+from ..build import build_model
+from ..config import AttackConfig
+from ..data import batch_starts, to_float_images
 
 CLIP_STD = 3.0
 
@@ -59,23 +60,6 @@ def analysis_attack(train_attack: AttackConfig) -> AttackConfig:
     return AttackConfig(**{**plain, "bn_mode": "eval"})
 
 
-# Table 4 of the paper: accuracy of the natural ResNet (88.79% clean test accuracy) on gradient maps.
-PAPER_TABLE4 = {
-    "cifar10-at": {
-        "label": "Madry et al. (2017)",
-        "clipped": {"train": 0.2710, "test": 0.2678},
-        "raw": {"train": 0.2860, "test": 0.2872},
-    },
-    "cifar10-at-att-reg": {
-        "label": "Ours (AT-att-reg)",
-        "clipped": {"train": 0.3011, "test": 0.3032},
-        "raw": {"train": 0.3146, "test": 0.3159},
-    },
-}
-PAPER_TABLE4_CLASSIFIER = "cifar10-natural"
-PAPER_CLASSIFIER_TEST_ACC = 0.8879
-
-
 class AnalysisError(ValueError):
     """An analysis asked of a model or data it does not apply to (e.g. attention without attention)."""
 
@@ -86,17 +70,6 @@ def require_attention(model: nn.Module, what: str = "this analysis") -> None:
             f"{what} needs a model with attention, but {type(model).__name__} has none; "
             "use a run of an attention preset (AT-att or AT-att-reg, model name ending in '_att')"
         )
-
-
-def _float_images(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 -> float [0, 1] on ``device``; float images are only moved."""
-    if x.dtype == torch.uint8:
-        return x.to(device).float().div_(255.0)
-    return x.to(device).float()
-
-
-def _batches(n: int, batch_size: int, progress: bool, desc: str):
-    return tqdm(range(0, n, batch_size), disable=not progress, desc=desc, unit="batch", leave=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,13 +164,11 @@ def attention_vs_robustness(
     """
     require_attention(model, "attention vs robustness")
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     acc = RankAccumulator()
     grid = (0, 0)
-    try:
-        for i in _batches(len(y), batch_size, progress, desc):
-            xb = _float_images(x[i : i + batch_size], device)
+    with eval_mode(model):
+        for i in batch_starts(len(y), batch_size, desc=desc, progress=progress):
+            xb = to_float_images(x[i : i + batch_size], device)
             yb = y[i : i + batch_size].to(device)
             xa = attack_from_config(model, xb, yb, attack, generator=generator, keep_best=False)
             with torch.no_grad():
@@ -205,8 +176,6 @@ def attention_vs_robustness(
                 adv_local = model.attention(xa).local
             grid = tuple(clean.weights.shape[1:])
             acc.add(weights_by_rank(clean.weights, feature_robustness(clean.local, adv_local)))
-    finally:
-        model.train(was_training)
     return acc.result(grid)
 
 
@@ -215,8 +184,6 @@ def untrained_control(cfg, num_classes: int, in_channels: int, device: torch.dev
     """Figure 2's control: a freshly initialised model of the run's architecture (seeded, without
     touching the global RNG). A rank-weight slope it shows too comes from the architecture, not from
     training."""
-    from .build import build_model
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(cfg.model, num_classes, in_channels).to(device)
@@ -261,17 +228,12 @@ def attention_maps(
     """
     require_attention(model, "attention maps")
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     ws, preds = [], []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                out = model.attention(_float_images(x[i : i + batch_size], device))
-                ws.append(out.weights.cpu())
-                preds.append(out.logits.argmax(1).cpu())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for i in batch_starts(len(x), batch_size):
+            out = model.attention(to_float_images(x[i : i + batch_size], device))
+            ws.append(out.weights.cpu())
+            preds.append(out.logits.argmax(1).cpu())
     w = torch.cat(ws)
     return w, upsample_map(w, tuple(x.shape[-2:])), torch.cat(preds)
 
@@ -288,14 +250,10 @@ def upsample_map(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def gradient_maps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """d CE(model(x), y) / d x per example, (B, C, H, W), the model in eval mode; ``x`` float in [0, 1]."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x = x.detach().clone().requires_grad_(True)
         loss = F.cross_entropy(model(x), y, reduction="sum")
         (g,) = torch.autograd.grad(loss, x)
-    finally:
-        model.train(was_training)
     return g.detach()
 
 
@@ -349,19 +307,15 @@ def gradient_map_accuracy(
     """Table 4 on one split: accuracy of ``classifier`` on ``model``'s gradient maps of (x, y),
     {"clipped": ..., "raw": ...} (raw = without the +-3 std clip)."""
     device = torch.device(device)
-    was_training = classifier.training
-    classifier.eval()
     correct = dict.fromkeys(VARIANTS, 0)
-    try:
-        for i in _batches(len(y), batch_size, progress, desc):
-            xb = _float_images(x[i : i + batch_size], device)
+    with eval_mode(classifier):
+        for i in batch_starts(len(y), batch_size, desc=desc, progress=progress):
+            xb = to_float_images(x[i : i + batch_size], device)
             yb = y[i : i + batch_size].to(device)
             g = gradient_maps(model, xb, yb)
             for v in VARIANTS:
                 pred = classify_maps(classifier, prepare_maps(g, clip=v == "clipped"))
                 correct[v] += int((pred == yb).sum())
-    finally:
-        classifier.train(was_training)
     return {v: correct[v] / max(len(y), 1) for v in VARIANTS}
 
 

@@ -1,4 +1,5 @@
-"""Render an evaluation result (``robustfeat.suite``) as a markdown table in the paper's layout and CSV."""
+"""Reports of an evaluation result (``robustfeat.eval.suite``): eval.md (the paper's layout, with the
+published numbers beside ours) and eval.csv; and the percentage formatter every report uses."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ def ordered_rows(result: dict[str, Any]) -> list[dict]:
     return sorted(result["rows"], key=lambda r: (_KIND_ORDER[r["kind"]], r["loss"] != "ce", r["steps"]))
 
 
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}%"
+def percent(value: float | None, *, scale: float = 100.0, unit: str = "%", missing: str = "-") -> str:
+    """``value * scale`` with two decimals and ``unit`` (0.1234 -> '12.34%'); ``missing`` for None.
+    ``scale=1`` formats a number that is already in points."""
+    return missing if value is None else f"{value * scale:.2f}{unit}"
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -38,9 +41,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ordered_rows(result):
         lo, hi = r["ci95"]
-        cells = [r["title"], _pct(100 * r["accuracy"]), f"{100 * lo:.2f}-{100 * hi:.2f}", f"{r['n']:,}"]
+        cells = [r["title"], percent(r["accuracy"], missing=""), f"{100 * lo:.2f}-{100 * hi:.2f}", f"{r['n']:,}"]
         if paper:
-            cells.append(_pct(paper["rows"].get(r["id"])))
+            cells.append(percent(paper["rows"].get(r["id"]), scale=1, missing=""))
         lines.append("| " + " | ".join(cells) + " |")
     if paper and paper.get("note"):
         lines += ["", f"Note: {paper['note']}"]

@@ -1,10 +1,10 @@
-"""The evaluation suite: every accuracy of the paper's robustness tables, AutoAttack and
-gradient-masking checks, for any model that maps [0, 1] images to logits.
+"""The evaluation suite on any model that maps [0, 1] images to logits (``evaluate_model``): every
+accuracy of the paper's robustness tables, AutoAttack, and the gradient-masking checks (``checks``).
 
 A suite is a list of rows (``Row``). Rows that share an attack (same loss, eps, step size, restarts)
 and differ only in the number of steps are computed by *one* PGD run that records, per example, the
 first misclassified iterate (``pgd_budgets``): PGD-5/20/100/200 cost 200 steps, not 325, and give
-exactly what four separate ``attacks.pgd(keep_best=True)`` calls with the same generator give.
+exactly what four separate ``robustfeat.attacks.pgd(keep_best=True)`` calls with the same generator give.
 
 Counting: an example counts as robust under a row only if the model classifies the clean image *and*
 the adversarial image correctly (the clean image is itself a point of the eps-ball), so no attacked
@@ -18,7 +18,6 @@ gradients only (last iterate, as Madry et al.), then classify them with the targ
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
 import zlib
@@ -32,25 +31,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
-from tqdm.auto import tqdm
 
-from .attacks import pgd_budgets
-from .checkpoint import atomic_write_bytes
-from .config import AttackConfig, ConfigError
-from .evaluate import check_adversary, to_float_images, wilson_interval
-from .seeding import derived_seed
+from ..attacks import check_adversary, eval_mode, pgd_budgets
+from ..checkpoint import atomic_write_bytes
+from ..config import AttackConfig, ConfigError
+from ..data import batch_starts, to_float_images
+from ..seeding import derived_seed
+from .autoattack import run_autoattack
+from .checks import masking_checks, masking_suspected
+from .stats import wilson_interval
 
 SUITES = ("quick", "paper", "full")
 PGD_STEPS = (5, 20, 100, 200)
 CW_STEPS = (30, 100)
 LARGE_EPS = 0.5
 LARGE_EPS_STEPS = 50
-LARGE_EPS_MAX_ACC = 0.05
-"""The large-eps PGD row must bring accuracy to at most this, else gradient masking is suspected."""
-AA_GAP = 0.05
-"""AutoAttack more than this below the strongest PGD row is flagged."""
-BLACKBOX_TOL = 0.01
-"""Black-box accuracy more than this below the white-box accuracy of the same attack is flagged."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,10 +125,6 @@ def suite_rows(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# one PGD run for several step budgets
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the evaluation
 
 
@@ -158,25 +149,6 @@ def default_batch_size(device: torch.device) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
         return 1000 if total >= 40 * 2**30 else 500
     return 250
-
-
-class _EvalMode:
-    def __init__(self, *models: nn.Module | None):
-        self.models = [m for m in models if m is not None]
-
-    def __enter__(self):
-        self.states = [[(m, m.training) for m in model.modules()] for model in self.models]
-        for model in self.models:
-            model.eval()
-
-    def __exit__(self, *exc):
-        for states in self.states:
-            for m, was in states:
-                m.training = was
-
-
-def _batches(n: int, batch_size: int, desc: str, progress: bool):
-    return tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
 
 
 def evaluate_model(
@@ -227,17 +199,16 @@ def evaluate_model(
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         xb = x[i : i + batch_size]
-        xb = to_float_images(xb, device, channels_last) if xb.dtype == torch.uint8 else xb.to(device).float()
-        return xb, y[i : i + batch_size].to(device)
+        return to_float_images(xb, device, channels_last), y[i : i + batch_size].to(device)
 
     flags: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    with _EvalMode(model, source):  # BN running statistics are used and never updated; modes restored after
+    with eval_mode(model, source):  # BN running statistics are used and never updated; modes restored after
         with torch.no_grad():
             # clean predictions, once: every row counts only examples classified correctly here
             t0 = time.time()
             clean = torch.zeros(n, dtype=torch.bool)
-            for i in _batches(n, batch_size, "natural", progress):
+            for i in batch_starts(n, batch_size, desc="natural", progress=progress):
                 xb, yb = batch(i)
                 clean[i : i + batch_size] = (model(xb).argmax(1) == yb).cpu()
             flags["natural"], seconds["natural"] = clean, time.time() - t0
@@ -251,8 +222,6 @@ def evaluate_model(
             _run_group(model, source, members, clean, batch, n, batch_size, seed, progress, flags, seconds,
                        cache)
         if any(r.kind == "autoattack" for r in rows):
-            from .autoattack_row import run_autoattack
-
             t0 = time.time()
             flags["autoattack"] = run_autoattack(
                 model, x, y, clean, eps=eps, seed=seed, batch_size=batch_size, device=device,
@@ -282,7 +251,7 @@ def evaluate_model(
         "source_fingerprint": model_fingerprint(source) if source is not None else None,
         "rows": out_rows,
         "checks": checks,
-        "masking_suspected": any(c["status"] == "flagged" for c in checks),
+        "masking_suspected": masking_suspected(checks),
         "per_example": flags,
     }
 
@@ -327,7 +296,7 @@ def _run_group(model, source, members, clean, batch, n, batch_size, seed, progre
     desc = f"{r0.kind} {'PGD' if r0.loss == 'ce' else 'CW'}-{'/'.join(map(str, budgets))}"
     tag = _seed_tag(repr(r0.group))
     t0 = time.time()
-    for i in _batches(n, batch_size, desc, progress):
+    for i in batch_starts(n, batch_size, desc=desc, progress=progress):
         idx = clean[i : i + batch_size].nonzero().squeeze(1)
         if len(idx) == 0:
             continue
@@ -355,68 +324,6 @@ def _run_group(model, source, members, clean, batch, n, batch_size, seed, progre
     per_row = (time.time() - t0) / len(members)
     for r in members:
         flags[r.id], seconds[r.id] = robust[r.steps], per_row
-
-
-# ---------------------------------------------------------------------------------------------------------
-# gradient-masking checks
-
-
-def masking_checks(rows: list[dict]) -> list[dict]:
-    """Signs of gradient masking in a result's rows; each check is 'pass', 'flagged' or 'skipped'.
-
-    1. accuracy never rises with more PGD (or CW) steps; 2. black-box accuracy not below white-box
-    (more than BLACKBOX_TOL); 3. PGD with a large eps drives accuracy to at most LARGE_EPS_MAX_ACC;
-    4. AutoAttack not more than AA_GAP below the strongest white-box PGD row.
-    """
-    by_id = {r["id"]: r for r in rows}
-    checks = []
-
-    def add(name: str, status: str, detail: str) -> None:
-        checks.append({"name": name, "status": status, "detail": detail})
-
-    for loss, label in (("ce", "PGD"), ("cw", "CW")):
-        wb = sorted((r for r in rows if r["kind"] == "whitebox" and r["loss"] == loss), key=lambda r: r["steps"])
-        if len(wb) < 2:
-            add(f"monotone_{label.lower()}", "skipped", f"fewer than two white-box {label} rows")
-            continue
-        rises = [f"{a['steps']}->{b['steps']} steps: {a['accuracy']:.2%} -> {b['accuracy']:.2%}"
-                 for a, b in itertools.pairwise(wb) if b["correct"] > a["correct"]]
-        add(f"monotone_{label.lower()}", "flagged" if rises else "pass",
-            ("accuracy rises with more steps (" + "; ".join(rises) + ")") if rises
-            else f"accuracy non-increasing over {label}-" + "/".join(str(r["steps"]) for r in wb))
-
-    pairs = [(by_id[r["id"].replace("blackbox/", "whitebox/")], r) for r in rows
-             if r["kind"] == "blackbox" and r["id"].replace("blackbox/", "whitebox/") in by_id]
-    if not pairs:
-        add("blackbox_not_below_whitebox", "skipped", "no black-box rows (evaluate with --source)")
-    else:
-        low = [f"{b['title']}: {b['accuracy']:.2%} < white box {w['accuracy']:.2%}"
-               for w, b in pairs if b["accuracy"] < w["accuracy"] - BLACKBOX_TOL]
-        add("blackbox_not_below_whitebox", "flagged" if low else "pass",
-            "; ".join(low) if low else f"every black-box row >= its white-box row - {BLACKBOX_TOL:.0%}")
-
-    sanity = [r for r in rows if r["kind"] == "sanity"]
-    if not sanity:
-        add("large_eps_near_zero", "skipped", "no large-eps row (suite paper or full)")
-    else:
-        s = sanity[0]
-        bad = s["accuracy"] > LARGE_EPS_MAX_ACC
-        add("large_eps_near_zero", "flagged" if bad else "pass",
-            f"PGD-{s['steps']} with eps {s['eps']:g}: {s['accuracy']:.2%} "
-            f"({'above' if bad else 'at most'} {LARGE_EPS_MAX_ACC:.0%})")
-
-    aa = by_id.get("autoattack")
-    wb_pgd = [r for r in rows if r["kind"] == "whitebox" and r["loss"] == "ce"]
-    if aa is None or not wb_pgd:
-        add("autoattack_vs_pgd", "skipped", "no AutoAttack row (suite full)" if aa is None else "no PGD row")
-    else:
-        strongest = max(wb_pgd, key=lambda r: r["steps"])
-        gap = strongest["accuracy"] - aa["accuracy"]
-        bad = gap > AA_GAP
-        add("autoattack_vs_pgd", "flagged" if bad else "pass",
-            f"AutoAttack {aa['accuracy']:.2%} vs PGD-{strongest['steps']} {strongest['accuracy']:.2%} "
-            f"(gap {gap * 100:.2f} points, limit {AA_GAP * 100:g})")
-    return checks
 
 
 def replace_eps(rows: Sequence[Row], eps: float, step_size: float) -> list[Row]:

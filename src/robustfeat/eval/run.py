@@ -1,0 +1,193 @@
+"""The evaluation suite on a run directory (``evaluate_run``, the library side of ``robustfeat eval``),
+and the files it writes.
+
+Outputs go to RUN_DIR/eval/ (``out_dir`` changes it): eval.json (every number, the settings, the
+model's identity, n and 95% Wilson intervals), eval.md (the paper's layout, with the published
+numbers beside ours when the run comes from a paper preset), eval.csv, per_example.safetensors (one
+robust/not flag per example and row, plus the evaluated test indices), autoattack/ (finished
+AutoAttack chunks) and state/ (finished PGD batches), so an interrupted evaluation resumes. Every
+file is written atomically (``robustfeat.checkpoint.atomic_write_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_tensors
+
+from ..build import build_splits, resolve_device
+from ..checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text
+from ..config import AttackConfig, ConfigError, load_config
+from ..seeding import derived_seed
+from .checks import independent_source_check, masking_suspected
+from .load import load_run, run_identity
+from .paper import paper_results
+from .report import render_csv, render_markdown
+from .suite import SUITES, Row, evaluate_model, to_json
+
+QUICK_N = 1000
+"""Default sample size of the quick suite (a fixed seeded subset); paper and full use the whole test set."""
+SUBSET_STREAM = 7
+
+
+def subset_indices(n_total: int, n: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of the fixed seeded subset of ``n`` test examples (None: all of them)."""
+    if n is None or n >= n_total:
+        return None
+    if n < 1:
+        raise ConfigError(f"--n {n}: expected a positive number of test examples")
+    g = torch.Generator().manual_seed(derived_seed(seed, SUBSET_STREAM))
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    suite: str | None = None,
+    which: str = "best",
+    source: str | os.PathLike | None = None,
+    source_which: str = "best",
+    n: int | None = None,
+    data_dir: str | None = None,
+    attack: AttackConfig | None = None,
+    eps: float | None = None,
+    step_size: float | None = None,
+    restarts: int = 1,
+    rows=None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's checkpoint on the test set and write RUN_DIR/eval/; returns the result.
+
+    ``suite`` None: natural accuracy and one attack (``attack``, default the preset's ``eval_attack``);
+    'quick', 'paper' or 'full': the suite of ``robustfeat eval`` (``rows`` instead: custom rows).
+    ``n``: a fixed seeded subset (default: 1000 for quick, the whole test set otherwise).
+    ``source``: another run directory (same preset, other seed) for the black-box rows.
+    ``eps`` / ``step_size``: the suite's radius and step (default ``attack``'s, else the preset's).
+    The result has ``clean_acc``, ``pgd_acc`` and ``attack`` besides the suite's rows and checks.
+    """
+    if rows is None and suite is not None and suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model, cfg, meta = load_run(run_dir, which, dev)
+    ident = run_identity(run_dir, which, cfg, meta)
+    src_model, src_ident = _load_source(source, source_which, dev, cfg, meta, ident)
+    if suite is None and rows is None:  # natural + one attack
+        attack = attack or cfg.eval_attack
+        rows = [Row("natural"), Row("whitebox", attack.loss, attack.steps, attack.eps, attack.step_size,
+                                    attack.restarts, attack.random_start, attack.bn_mode)]
+    suite = suite or "quick"
+    eps = float(eps) if eps is not None else attack.eps if attack is not None else cfg.eval_attack.eps
+    step_size = (float(step_size) if step_size is not None else attack.step_size if attack is not None
+                 else cfg.eval_attack.step_size)
+
+    splits = build_splits(cfg, data_dir)
+    if n is None and suite == "quick" and rows is None:
+        n = QUICK_N
+    idx = subset_indices(len(splits.y_test), n, seed)
+    x, y = (splits.x_test, splits.y_test) if idx is None else (splits.x_test[idx], splits.y_test[idx])
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    t0 = time.time()
+    res = evaluate_model(
+        model, x, y, eps=eps, step_size=step_size, suite=suite, rows=rows, source=src_model,
+        extra_pgd_steps=_extra_pgd_steps(cfg, suite), restarts=restarts, seed=seed, batch_size=batch_size,
+        device=dev, channels_last=cfg.run.channels_last, progress=progress, autoattack_dir=out / "autoattack",
+        state_dir=out / "state")
+    res["settings"]["suite"] = suite if rows is None else "custom"
+    res["settings"]["seconds"] = round(time.time() - t0, 1)
+    res["model"] = ident
+    res["source"] = src_ident
+    res["subset"] = "full test set" if idx is None else f"seeded subset (seed {seed}) of {len(splits.y_test):,}"
+    res["indices"] = None if idx is None else idx.tolist()
+    res["paper"] = _paper_column(cfg, eps, step_size)
+    if src_ident is not None:
+        res["checks"].append(independent_source_check(src_ident, ident))
+        res["masking_suspected"] = masking_suspected(res["checks"])
+    _legacy_keys(res, cfg)
+    _write_outputs(out, res, idx, len(y))
+    res.pop("per_example")
+    res["outputs"] = str(out)
+    return res
+
+
+def _load_source(source, which: str, dev, cfg, meta, ident: dict):
+    """(model, identity) of the black-box source (None, None without one), refused when it is the
+    evaluated checkpoint itself or was trained on other data."""
+    if source is None:
+        return None, None
+    src_model, src_cfg, src_meta = load_run(source, which, dev)
+    src_ident = run_identity(source, which, src_cfg, src_meta)
+    if src_ident["sha256"] == ident["sha256"]:
+        raise CheckpointError("the black-box source is the same checkpoint as the evaluated model; "
+                              "use an independently trained copy (same preset, other seed)")
+    shape = lambda m: {k: m["extra"].get(k) for k in ("num_classes", "in_channels", "classes")}
+    if src_cfg.data.name != cfg.data.name or shape(src_meta) != shape(meta):
+        raise CheckpointError(f"the black-box source was trained on {src_cfg.data.name!r} {shape(src_meta)}, "
+                              f"the evaluated model on {cfg.data.name!r} {shape(meta)}")
+    return src_model, src_ident
+
+
+def _extra_pgd_steps(cfg, suite: str) -> list[int]:
+    """PGD step counts beyond the suite's own: the preset's validation attack, and the paper's own PGD
+    rows (Table 1: PGD-40) outside the quick suite."""
+    extra = {cfg.eval_attack.steps} if cfg.eval_attack.loss == "ce" else set()
+    paper = paper_results(cfg.name)
+    if paper is not None and suite != "quick":
+        extra |= {int(k.split("-")[1]) for k in paper["rows"] if k.startswith("whitebox/pgd-")}
+    return sorted(extra)
+
+
+def _paper_column(cfg, eps: float, step_size: float) -> dict | None:
+    paper = paper_results(cfg.name)
+    if paper is None:
+        return None
+    paper = dict(paper)
+    notes = []
+    try:
+        ref = load_config(cfg.name)
+        if cfg.optim.steps != ref.optim.steps:
+            notes.append(f"this run trained {cfg.optim.steps:,} steps, the paper's schedule {ref.optim.steps:,}: "
+                         "a short budget is not expected to reach the published numbers")
+        if abs(eps - ref.eval_attack.eps) > 1e-9 or abs(step_size - ref.eval_attack.step_size) > 1e-9:
+            notes.append(f"eps/step {eps:.4g}/{step_size:.4g} differ from the paper's "
+                         f"{ref.eval_attack.eps:.4g}/{ref.eval_attack.step_size:.4g}")
+    except ConfigError:
+        notes.append(f"preset {cfg.name!r} could not be loaded to compare schedules")
+    paper["note"] = "; ".join(notes)
+    return paper
+
+
+def _legacy_keys(res: dict[str, Any], cfg) -> None:
+    """clean_acc, pgd_acc (the first white-box row; the preset's PGD if present) and attack, as before."""
+    rows = {r["id"]: r for r in res["rows"]}
+    res["clean_acc"] = rows["natural"]["accuracy"]
+    res["clean_acc_ci95"] = rows["natural"]["ci95"]
+    wb = [r for r in res["rows"] if r["kind"] == "whitebox"]
+    main = rows.get(f"whitebox/pgd-{cfg.eval_attack.steps}") or (wb[0] if wb else None)
+    if main is not None:
+        res["pgd_acc"] = main["accuracy"]
+        res["pgd_acc_ci95"] = main["ci95"]
+        res["attack"] = {"name": f"{'PGD' if main['loss'] == 'ce' else 'CW'}-{main['steps']}",
+                         **{k: main[k] for k in ("eps", "step_size", "steps", "restarts", "random_start",
+                                                 "loss", "bn_mode")}}
+
+
+def _write_outputs(out: Path, res: dict[str, Any], idx: torch.Tensor | None, n: int) -> None:
+    """per_example.safetensors, eval.json, eval.md and eval.csv, each written atomically."""
+    flags = {k: v.to(torch.uint8).contiguous() for k, v in res["per_example"].items()}
+    flags["indices"] = (idx if idx is not None else torch.arange(n)).to(torch.int64)
+    atomic_write_bytes(out / "per_example.safetensors",
+                       save_tensors({k.replace("/", "."): v for k, v in flags.items()}))
+    atomic_write_text(out / "eval.json", to_json(res))
+    atomic_write_text(out / "eval.md", render_markdown(res))
+    atomic_write_text(out / "eval.csv", render_csv(res))

@@ -13,7 +13,7 @@ from robustfeat.build import build_model, training_autocast
 from robustfeat.config import ConfigError, load_config
 from robustfeat.data import DeviceLoader
 from robustfeat.methods import method_loss
-from robustfeat.train import _same_experiment, train
+from robustfeat.train import same_experiment, train
 
 TINY = [
     "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=4",
@@ -127,5 +127,5 @@ def test_configs_saved_before_a_new_key_still_match():
     cfg = load_config("demo")
     old = cfg.to_dict()
     del old["run"]["precision"], old["run"]["attack_fp32"]  # as written before the keys existed
-    assert _same_experiment(old, cfg.to_dict())
-    assert not _same_experiment(old, load_config("demo", overrides=["run.precision=bf16"]).to_dict())
+    assert same_experiment(old, cfg.to_dict())
+    assert not same_experiment(old, load_config("demo", overrides=["run.precision=bf16"]).to_dict())

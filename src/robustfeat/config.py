@@ -8,8 +8,8 @@ next to every run (``config.yaml``), so a run directory alone says how it was ma
 Choices are typed as ``Literal`` and checked on construction; model/dataset compatibility comes from the
 metadata each model registers (``robustfeat.models.model_info``). The options for single-step training
 (beyond the paper) keep their key paths in the sections they act on, and sit together at the end of
-each section under a "single-step training" comment; ``SINGLE_STEP_KEYS`` lists them, and docs/
-describes them together.
+each section under a "single-step training" comment; ``SINGLE_STEP_KEYS`` lists them, and
+docs/training.md describes them together.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ DATASET_FAMILIES: dict[str, str | None] = {
 """The family of each dataset, matched against a model's (``ModelInfo.family``); None: any model."""
 _FAMILY_NAMES = {"mnist": "MNIST", "cifar": "CIFAR"}
 
-# The options for single-step training, beyond the paper (see docs/ on training options).
+# The options for single-step training, beyond the paper (see docs/training.md).
 SINGLE_STEP_KEYS = (
     "attack.start_scale", "attack.project", "attack.clip_start", "attack.eps_final", "attack.eps_final_from",
     "attack.carry", "method.grad_align", "optim.ema", "run.rollback_drop", "run.rollback_lr",
@@ -217,7 +217,7 @@ class TrainAttackConfig(AttackConfig):
     """Ramp eps (and the step size with it) linearly from 0 over this many training examples; 0 = off.
     Not in the paper: it lets short CPU budgets escape the chance-level plateau of PGD training."""
 
-    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/training.md) --
     start_scale: float = 1.0
     """The random start is uniform in +-start_scale * eps (1 = the eps-ball, as PGD and FGSM-RS)."""
     project: bool = True
@@ -231,7 +231,7 @@ class TrainAttackConfig(AttackConfig):
     et al.'s FGSM-RS reference code does (on MNIST, where most pixels are 0 or 1, clipping removes much
     of the start noise). Every iterate after a step is still clipped to [0, 1]. Training only."""
     eps_final: float = 0.0
-    """Experimental (its only measurement was negative; see docs/ on training options): from
+    """Experimental (its only measurement was negative; see docs/training.md): from
     ``eps_final_from`` of the run on, ramp the training eps (and the step size with it) linearly from
     ``eps`` to ``eps_final`` at the last step. 0 = off. Validation and evaluation keep ``eval_attack.eps``."""
     eps_final_from: float = 0.4
@@ -242,7 +242,7 @@ class TrainAttackConfig(AttackConfig):
     visit keeps the random start. The single steps of successive epochs then add up to a multi-step
     adversary at FGSM's cost (the epoch prior of ATTA, Zheng et al. 2020, and FGSM-EP, Jia et al.
     2022). The perturbations (one per training image, float16) are kept in memory and in the ``last``
-    checkpoint. One process only. Evaluate such models with ``--suite full`` (AutoAttack); see docs/
+    checkpoint. One process only. Evaluate such models with ``--suite full`` (AutoAttack); see docs/training.md
     for what it was measured to do and why it goes with ``method.grad_align``."""
 
     def __post_init__(self) -> None:
@@ -275,7 +275,7 @@ class MethodConfig:
     lam: float | None = None
     """Weight of the L2 feature regularizer (eq. 7); None = the paper's value for the method."""
 
-    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/training.md) --
     grad_align: float = 0.0
     """Weight of GradAlign (Andriushchenko & Flammarion 2020),
     grad_align * mean(1 - cos(grad_x CE(x), grad_x CE(x + eta))) with eta uniform in the eps-ball. It
@@ -313,7 +313,7 @@ class OptimConfig:
     peak: float = 0.4
     """cyclic only: where the learning rate peaks, as a fraction of `steps`."""
 
-    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/training.md) --
     ema: float = 0.0
     """Decay of an exponential moving average of the weights (and buffers), updated after every step;
     0 = off. When on, validation, `best` and the `model.*` weights of every checkpoint are the
@@ -376,7 +376,7 @@ class RunConfig:
     """With precision=bf16: craft the training adversary in fp32 and use bf16 only for the weight
     update (slower, but the attack's gradients are exactly those of fp32 training)."""
 
-    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/ on training options) --
+    # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/training.md) --
     rollback_drop: float = 0.0
     """A guard against catastrophic overfitting: when a periodic validation's PGD accuracy
     falls more than this below the best so far (a fraction: 0.03 = 3 points), the run goes back to the

@@ -122,13 +122,13 @@ def verify_md5(
 
 def _fetch_to(url: str, tmp, *, desc: str, progress: bool) -> str:
     """Stream ``url`` into the open binary file ``tmp``; return the hex MD5 of what was written."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     h = hashlib.md5(usedforsecurity=False)
     with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
         total = resp.headers.get("Content-Length") if getattr(resp, "headers", None) else None
         total = int(total) if total and str(total).isdigit() else None
-        with tqdm(
+        with progress_bar(
             total=total,
             unit="B",
             unit_scale=True,

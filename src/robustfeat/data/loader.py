@@ -46,9 +46,9 @@ def to_float_images(
 def batch_starts(n: int, batch_size: int, *, desc: str = "", progress: bool = False, unit: str = "batch",
                  leave: bool = False) -> Iterable[int]:
     """0, batch_size, 2 * batch_size, ... below ``n``, with a progress bar when ``progress``."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(range(0, n, batch_size), desc=desc, unit=unit, disable=not progress, leave=leave)
+    return progress_bar(range(0, n, batch_size), desc=desc, unit=unit, disable=not progress, leave=leave)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

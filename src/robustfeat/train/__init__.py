@@ -29,9 +29,7 @@ from .rundir import (
 from .schedule import attack_strength, learning_rate, make_optimizer
 from .state import TrainState
 
-# names other modules import from here: _same_experiment (now same_experiment) and derived_seed
-# (robustfeat.seeding)
-_same_experiment = same_experiment
+# derived_seed lives in robustfeat.seeding; it is re-exported for code written against the old train.py
 
 __all__ = [
     "ATTACK_STREAM", "BEST", "EVAL_STREAM", "LAST", "MAX_RESTARTS", "Batch", "CarriedStarts", "Extension",

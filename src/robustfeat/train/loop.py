@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import distributed
-from ..attacks import attack_from_config, start_noise
+from ..attacks import accuracy, attack_from_config, start_noise
 from ..build import Splits, build_model, build_splits, resolve_device, training_autocast
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
 from ..data import DeviceLoader
-from ..evaluate import accuracy
 from ..methods import METHODS, method_loss
+from ..progress import progress_bar
 from ..seeding import derived_seed
 from . import extensions as ext_mod
 from .errors import TrainingError
@@ -83,7 +82,7 @@ def train(
     end = total if stop_after is None else min(total, stop_after)
     gen = torch.Generator(device=device)
     tb = tensorboard_writer(run.out_dir) if cfg.run.tensorboard and dctx.main else None
-    bar = tqdm(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
+    bar = progress_bar(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
                dynamic_ncols=True, desc=f"train {cfg.name}")
     meter = Meter(run, tb, bar)
     try:

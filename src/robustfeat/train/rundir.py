@@ -6,7 +6,7 @@
     checkpoints/last.safetensors, checkpoints/best.safetensors
     tensorboard/           with run.tensorboard=true
 
-See docs/ for what each file holds; ``robustfeat.checkpoint`` for the checkpoint format.
+See docs/run-directory.md for what each file holds; ``robustfeat.checkpoint`` for the checkpoint format.
 """
 
 from __future__ import annotations

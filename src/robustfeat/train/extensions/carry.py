@@ -3,7 +3,7 @@
 The single steps of successive epochs then add up to a multi-step adversary at a single step's cost.
 The perturbations (one per training image, float16) are kept on the training device and in ``last``,
 so a resumed run goes on exactly; an image not yet visited (or visited before a dead-start restart)
-takes the usual random start. One process only. See docs/ for when it helps.
+takes the usual random start. One process only. See docs/training.md for when it helps.
 """
 
 from __future__ import annotations

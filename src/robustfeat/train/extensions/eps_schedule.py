@@ -20,7 +20,7 @@ class EpsWarmup(Extension):
 
 class EpsFinal(Extension):
     """``attack.eps_final``: from ``eps_final_from`` of the run on, eps ramped linearly towards
-    ``eps_final`` at the last step (experimental: see docs/)."""
+    ``eps_final`` at the last step (experimental: see docs/training.md)."""
 
     def __init__(self, eps: float, eps_final: float, start_fraction: float, steps: int):
         self.ratio = eps_final / eps

@@ -284,7 +284,7 @@ def test_atomically_written_files_have_normal_permissions(good_run):
 # (e) atomic writes: a crash mid-save never replaces the last good file
 
 
-@pytest.mark.parametrize("where", ["save_file", "os.replace", "fsync"])
+@pytest.mark.parametrize("where", ["serialize", "write", "os.replace", "fsync"])
 def test_crash_during_checkpoint_write_keeps_the_previous_file(good_run, tmp_path, monkeypatch, where):
     import robustfeat.checkpoint as ck
 
@@ -294,15 +294,29 @@ def test_crash_during_checkpoint_write_keeps_the_previous_file(good_run, tmp_pat
     before = _snapshot(tmp_path)
     model, cfg, _ = load_run(good_run, "last")
 
-    def torn_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
+    def torn_serialize(tensors, metadata=None):
+        raise OSError(12, "Cannot allocate memory")
+
+    real_fdopen = ck.os.fdopen
+
+    def torn_write(fd, mode):  # writes half the bytes, then the disk is full
+        f = real_fdopen(fd, mode)
+        real_write = f.write
+
+        def write(data):
+            real_write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+        f.write = write
+        return f
 
     def fail(*a, **k):
         raise OSError(5, "Input/output error")
 
-    if where == "save_file":
-        monkeypatch.setattr(ck, "save_file", torn_save)
+    if where == "serialize":
+        monkeypatch.setattr(ck, "save", torn_serialize)
+    elif where == "write":
+        monkeypatch.setattr(ck.os, "fdopen", torn_write)
     elif where == "os.replace":
         monkeypatch.setattr(ck.os, "replace", fail)
     else:

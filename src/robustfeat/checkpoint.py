@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .fsutil import fsync_dir
 
@@ -34,20 +34,6 @@ class CheckpointError(Exception):
 
 
 TMP_SUFFIX = ".tmp"
-
-
-def _umask() -> int:
-    """The process umask (read without changing it where /proc allows, else set and restored)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _temp_file(path: Path) -> tuple[int, str]:
@@ -176,20 +162,8 @@ def save_checkpoint(
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
         meta["optimizer"] = json.dumps(opt_meta)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file with mode 0600
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    # serialized in memory (a few MB for these models) so that the one atomic writer writes it
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

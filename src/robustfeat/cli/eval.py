@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import _maybe_fraction
+from ..config import parse_fraction
 from ..eval.report import render_markdown
 from ..eval.run import QUICK_N, evaluate_run
 
@@ -13,7 +13,7 @@ from ..eval.run import QUICK_N, evaluate_run
 def _fraction(text: str) -> float:
     """A number such as 0.3, 1e-3 or 8/255 (``robustfeat.config``'s parser of config values)."""
     try:
-        return float(_maybe_fraction(text))
+        return float(parse_fraction(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 0.3 or 8/255)") from None
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..build import build_model
 from ..checkpoint import CheckpointError, check_architecture, load_into, read_checkpoint
 from ..config import ConfigError, config_from_dict
-from ..train import BEST, LAST
+from ..train.rundir import BEST, LAST
 
 
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:

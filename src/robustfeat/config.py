@@ -627,7 +627,6 @@ def parse_fraction(s: str) -> Any:
     return s
 
 
-_maybe_fraction = parse_fraction  # the name before it was public
 
 
 def _set(d: dict, parts: list[str], value: Any, text: str) -> None:

@@ -138,6 +138,11 @@ def test_table1_end_to_end_writes_the_readme(table1):
                                          - nat0)
     for r in s["runs"]:
         assert r["revisions"] and f"`{r['revisions'][0][:10]}" in text
+    # a verdict for each claim measured in both seed pairs
+    assert "### Verdicts on the paper's claims" in text
+    replicated = {c["row"] for c in s["comparisons"] if c["kind"] == "method-seed1"}
+    assert replicated and {v["row"] for v in s["verdicts"]} == replicated
+    assert all(v["verdict"] in ("reproduced", "contradicted", "not resolved") for v in s["verdicts"])
     assert json.loads((out / "reproduce.json").read_text())["target"] == "table1"
 
 
@@ -186,3 +191,36 @@ def test_table4_and_figures_share_runs(tmp_path):
     split = json.loads((tmp_path / "figure2/reproduce.json").read_text())["analysis"]["splits"]["test"]
     assert -1 <= split["control_spearman"] <= 1 and len(split["control_mean_by_rank"]) == len(split["mean_by_rank"])
     assert split["control_mean_by_rank"] != split["mean_by_rank"]  # a different (untrained) model
+
+
+def _cmp(row, kind, a, b, ours, lo, hi, paper=None):
+    return {"row": row, "title": row, "kind": kind, "a": a, "b": b, "label": f"{b} - {a}", "paper": paper,
+            "ours": ours, "diff": ours, "ci95": [lo, hi]}
+
+
+@pytest.mark.parametrize("pairs, seeds, paper, expected", [
+    # both pairs significant on the paper's side, larger than seed noise
+    (((+3.0, +1.0, +5.0), (+2.5, +0.5, +4.5)), (1.0, -1.2), +4.5, "reproduced"),
+    # both significant on the other side
+    (((-3.0, -5.0, -1.0), (-2.5, -4.5, -0.5)), (1.0, 0.5), +4.5, "contradicted"),
+    # one pair's interval includes zero
+    (((+3.0, +1.0, +5.0), (+1.0, -1.0, +3.0)), (0.5, 0.5), +4.5, "not resolved"),
+    # both significant but one seed alone moves the row as much
+    (((+3.0, +1.0, +5.0), (+2.5, +0.5, +4.5)), (0.5, -2.8), +4.5, "not resolved"),
+    # the pairs disagree in sign
+    (((+3.0, +1.0, +5.0), (-3.0, -5.0, -1.0)), (0.5, 0.5), +4.5, "not resolved"),
+    # the paper claims no difference and neither pair finds one
+    (((+0.4, -1.0, +1.8), (-0.2, -1.6, +1.2)), (0.5, 0.5), -0.06, "reproduced"),
+])
+def test_verdicts_follow_the_stated_rule(pairs, seeds, paper, expected):
+    (o0, l0, h0), (o1, l1, h1) = pairs
+    comps = [_cmp("whitebox/pgd-20", "method", "at", "at-reg", o0, l0, h0, paper),
+             _cmp("whitebox/pgd-20", "method-seed1", "at-seed1", "at-reg-seed1", o1, l1, h1, paper),
+             _cmp("whitebox/pgd-20", "seed", "at-seed0", "at-seed1", seeds[0], -9, 9),
+             _cmp("whitebox/pgd-20", "seed", "at-reg-seed0", "at-reg-seed1", seeds[1], -9, 9),
+             # a row without a seed-1 replicate gets no verdict
+             _cmp("whitebox/pgd-100", "method", "at", "at-reg", 5.0, 3.0, 7.0, 4.97)]
+    (v,) = rp.verdicts(comps)
+    assert v["verdict"] == expected, v["reason"]
+    assert v["seed_noise"] == pytest.approx(max(abs(x) for x in seeds))
+    assert f"{o0:+.2f}" in v["reason"] and f"{o1:+.2f}" in v["reason"]

@@ -437,7 +437,8 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
         "budget_changes": {p: _config_changes(p, budget, overrides) for p in t.presets},
         "eval_n": {p: ev["n"] for p, ev in evals.items()},
         "runs": run_rows, "results": results, "analysis": analysis,
-        "comparisons": _comparisons(results, controls or {}, runs),
+        "comparisons": (comps := _comparisons(results, controls or {}, runs)),
+        "verdicts": verdicts(comps),
     }
 
 
@@ -481,6 +482,7 @@ def render_readme(s: dict) -> str:
     if s["results"]:
         L += _results_section(s)
         L += _comparison_section(s)
+        L += _verdict_section(s)
     if s.get("out") and (Path(s["out"]) / "NOTES.md").exists():
         L += ["## Reading", "", "What these numbers mean, beside the paper's claims: [NOTES.md](NOTES.md).", ""]
     if s["analysis"]:
@@ -617,6 +619,80 @@ def _comparisons(results: dict, controls: dict, runs: dict) -> list[dict]:
                          **paired_difference(flags[p][rid], c[rid]),
                          "ours": 100 * float(c[rid].mean() - flags[p][rid].mean())})
     return rows
+
+
+# A paper difference smaller than this (in points) is read as the claim "no difference".
+NO_CLAIM_POINTS = 0.5
+
+
+def _direction(entry: dict) -> int:
+    """+1 / -1 when the paired 95% interval excludes zero on that side, else 0."""
+    lo, hi = entry["ci95"]
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def verdicts(comparisons: list[dict]) -> list[dict]:
+    """One verdict per claim of the paper (a method minus the baseline at a row with published numbers)
+    that has a seed-1 replicate: reproduced, contradicted or not resolved, with the reason.
+
+    The rule the README states: a method difference counts only where its paired interval excludes zero
+    in both independently trained pairs (seed 0 and seed 1), with the same sign, and where it is larger
+    than the seed-to-seed change of either method on the same row (training randomness alone)."""
+    by = {(c["row"], c["kind"], c["b"]): c for c in comparisons}
+    out = []
+    for c in comparisons:
+        if c["kind"] != "method":
+            continue
+        rep = by.get((c["row"], "method-seed1", f"{c['b']}-seed1"))
+        if rep is None or "ci95" not in c:
+            continue
+        seeds = [by.get((c["row"], "seed", f"{m}-seed1")) for m in (c["a"], c["b"])]
+        noise = max((abs(x["ours"]) for x in seeds if x is not None), default=None)
+        claim = 0 if abs(c["paper"]) < NO_CLAIM_POINTS else (1 if c["paper"] > 0 else -1)
+        d0, d1 = _direction(c), _direction(rep)
+        beats_noise = noise is not None and min(abs(c["ours"]), abs(rep["ours"])) > noise
+        agree = d0 == d1 != 0 and beats_noise
+        if claim == 0:
+            verdict = ("contradicted" if agree else "reproduced" if d0 == d1 == 0 else "not resolved")
+        elif agree:
+            verdict = "reproduced" if d0 == claim else "contradicted"
+        else:
+            verdict = "not resolved"
+        out.append({"row": c["row"], "title": c["title"], "label": c["label"], "paper": c["paper"],
+                    "seed0": c["ours"], "seed1": rep["ours"], "seed_noise": noise, "verdict": verdict,
+                    "reason": _reason(claim, d0, d1, c, rep, noise, beats_noise)})
+    return out
+
+
+def _reason(claim, d0, d1, c, rep, noise, beats_noise) -> str:
+    def side(d):
+        return "above zero" if d > 0 else "below zero" if d < 0 else "includes zero"
+    pairs = (f"seed-0 pair {c['ours']:+.2f} (interval {side(d0)}), seed-1 pair {rep['ours']:+.2f} "
+             f"(interval {side(d1)})")
+    noise_txt = "no seed-to-seed rows" if noise is None else f"seed-to-seed change up to {noise:.2f}"
+    if claim == 0:
+        return f"paper: no difference ({c['paper']:+.2f}); {pairs}"
+    if d0 == d1 != 0 and not beats_noise:
+        return f"{pairs}, but not larger than the {noise_txt}"
+    return f"{pairs}; {noise_txt}"
+
+
+def _verdict_section(s: dict) -> list[str]:
+    rows = s.get("verdicts") or []
+    if not rows:
+        return []
+    L = ["### Verdicts on the paper's claims", "",
+         ("Each claim is a method's difference from the baseline on a row the paper publishes and that both "
+          "seed pairs measure. *Reproduced*: both independently trained pairs show it, each interval excludes "
+          "zero on the paper's side, and both are larger than the seed-to-seed change of either method. "
+          "*Contradicted*: the same, on the other side. *Not resolved at this budget*: anything else; the "
+          "reason says which condition fails. A paper difference under "
+          f"{NO_CLAIM_POINTS} points is read as \"no difference\"."), "",
+         "| row | difference | paper | seed 0 | seed 1 | verdict | why |", "|---|---|---|---|---|---|---|"]
+    for v in rows:
+        L.append(f"| {v['title']} | {v['label']} | {_signed(v['paper'])} | {_signed(v['seed0'])} | "
+                 f"{_signed(v['seed1'])} | **{v['verdict']}** | {v['reason']} |")
+    return [*L, ""]
 
 
 def _comparison_section(s: dict) -> list[str]:

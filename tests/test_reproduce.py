@@ -97,6 +97,7 @@ def table1(tmp_path_factory):
     out = tmp_path_factory.mktemp("table1")
     mp = pytest.MonkeyPatch()
     mp.setitem(rp.EVAL_N, "smoke", {"mnist": 8, "cifar": 8})
+    mp.setitem(rp.AUTOATTACK_N, "smoke", {"mnist": 4, "cifar": 4})
     cfg = rp.run_config(rp.RunSpec("mnist-at-reg", 1, ""), "smoke", TINY_MNIST, None)
     train(cfg, out / "runs" / "mnist-at-reg-seed1", progress=False, stop_after=2)
     summary = rp.reproduce("table1", "smoke", out, overrides=TINY_MNIST)
@@ -138,6 +139,17 @@ def test_table1_end_to_end_writes_the_readme(table1):
                                          - nat0)
     for r in s["runs"]:
         assert r["revisions"] and f"`{r['revisions'][0][:10]}" in text
+    # AutoAttack on each seed-0 model, beside natural and the preset's PGD on the same 4 images
+    aa = s["autoattack"]["presets"]
+    assert set(aa) == {"mnist-at", "mnist-at-reg"} and "### AutoAttack (standard) on the seed-0 models" in text
+    for p, v in aa.items():
+        ev_aa = json.loads((out / f"runs/{p}-seed0/eval-autoattack/eval.json").read_text())
+        assert ev_aa["n"] == 4 and [r["id"] for r in ev_aa["rows"]] == [
+            "natural", f"whitebox/pgd-{rp.run_config(rp.RunSpec(p, 0, ''), 'smoke', TINY_MNIST, None).eval_attack.steps}",
+            "autoattack"]
+        assert v["rows"]["autoattack"]["ours"] <= v["rows"]["natural"]["ours"]
+    (d,) = s["autoattack"]["differences"]
+    assert d["n"] == 4 and d["label"] == "AT-reg - Madry et al. (2017)"
     # a verdict for each claim measured in both seed pairs
     assert "### Verdicts on the paper's claims" in text
     replicated = {c["row"] for c in s["comparisons"] if c["kind"] == "method-seed1"}
@@ -146,15 +158,16 @@ def test_table1_end_to_end_writes_the_readme(table1):
     assert json.loads((out / "reproduce.json").read_text())["target"] == "table1"
 
 
-def test_interrupted_run_was_resumed_and_rerun_skips_finished_work(table1, capsys):
+def test_interrupted_run_was_resumed_and_rerun_skips_finished_work(table1, capsys, monkeypatch):
     out, _ = table1
+    monkeypatch.setitem(rp.AUTOATTACK_N, "smoke", {"mnist": 4, "cifar": 4})  # as the fixture ran it
     sessions = json.loads((out / "runs/mnist-at-reg-seed1/run.json").read_text())["sessions"]
     assert [(x["from_step"], x["to_step"]) for x in sessions] == [(0, 2), (2, 4)]
     ev_file = out / "runs/mnist-at-seed0/eval/eval.json"
     before = ev_file.stat().st_mtime_ns
     rp.reproduce("table1", "smoke", out, overrides=TINY_MNIST, quiet=False)
     log = capsys.readouterr().out
-    assert log.count("skipped") == 8, log  # 4 runs + 2 evaluations + 2 seed controls
+    assert log.count("skipped") == 10, log  # 4 runs + 2 evaluations + 2 seed controls + 2 AutoAttacks
     assert ev_file.stat().st_mtime_ns == before
     assert len(json.loads((out / "runs/mnist-at-reg-seed1/run.json").read_text())["sessions"]) == 2
 

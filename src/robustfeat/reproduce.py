@@ -48,8 +48,12 @@ from .eval.paper import PAPER_CLASSIFIER_TEST_ACC, PAPER_TABLE4, paper_results
 from .eval.report import percent
 from .eval.run import evaluate_run
 from .eval.stats import paired_difference
+from .eval.suite import Row
 from .registry import suggest
 from .train import LAST, TrainingError, git_revision, machine_info, same_experiment, train
+
+AUTOATTACK_DIR = "eval-autoattack"
+"""Where a run's AutoAttack evaluation goes (beside eval/, the paper suite's)."""
 
 SEEDS = (0, 1)
 """Seed 0 is evaluated; seed 1 is the black-box source (same preset, other seed)."""
@@ -65,6 +69,11 @@ EVAL_N: dict[str, dict[str, int | None]] = {
 
 ANALYSIS_N: dict[str, int | None] = {"paper": None, "cpu": 1000, "cpu-1epoch": 1000, "fast": 1000, "smoke": 16}
 """Images per split for Figure 2 and Table 4 (None: the whole training and test sets)."""
+
+AUTOATTACK_N: dict[str, dict[str, int]] = {"paper": {"mnist": 1000, "cifar": 1000},
+                                           "cpu": {"mnist": 300, "cifar": 500}}
+"""Test images (seeded sample) for AutoAttack (standard) on each evaluated seed-0 model, beside natural
+accuracy and the preset's PGD on the same images; budgets not listed run no AutoAttack."""
 
 
 
@@ -245,6 +254,30 @@ def evaluate_once(run_dir: Path, source: Path | None, n: int | None, data_dir, p
     return json.loads(f.read_text()) if f.exists() else res
 
 
+def autoattack_once(run_dir: Path, cfg, n: int, data_dir, progress: bool, quiet: bool) -> dict:
+    """AutoAttack (standard) on ``run_dir``'s best checkpoint, beside natural accuracy and the preset's PGD
+    on the same ``n`` seeded test images (so the AutoAttack-vs-PGD check compares like with like); written
+    to RUN_DIR/eval-autoattack/ and skipped when that holds it for the same checkpoint and sample."""
+    out = run_dir / AUTOATTACK_DIR
+    f = out / "eval.json"
+    if f.exists():
+        try:
+            old = json.loads(f.read_text())
+            same = (old["model"]["sha256"] == _best_sha(run_dir) and _same_sample(old, n)
+                    and any(r["id"] == "autoattack" for r in old["rows"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            _log(f"{run_dir.name}: AutoAttack up to date, skipped", quiet)
+            return old
+    a = cfg.eval_attack
+    rows = [Row("natural"), Row("whitebox", a.loss, a.steps, a.eps, a.step_size, a.restarts),
+            Row("autoattack", eps=a.eps)]
+    _log(f"{run_dir.name}: AutoAttack (standard) on {n} test images", quiet)
+    evaluate_run(run_dir, rows=rows, n=n, data_dir=data_dir, progress=progress, out_dir=out)
+    return json.loads(f.read_text())
+
+
 def _same_sample(old: dict, n: int | None) -> bool:
     """Whether an earlier result used the sample ``n`` asks for (None or n >= the test set: all of it)."""
     if old.get("indices") is None:
@@ -355,12 +388,20 @@ def reproduce(
                 # size is the seed-0 evaluation's (quick alone would default to a 1,000-image subset).
                 controls[s.preset] = evaluate_once(src, None, evals[s.preset]["n"], data_dir, progress, quiet,
                                               suite="quick")
+    autoattack: dict[str, dict] = {}
+    aa_n = AUTOATTACK_N.get(budget, {}).get(_family(t.dataset.lower()))
+    if t.evaluate and aa_n:
+        for s in specs:
+            if s.role == "evaluated":
+                autoattack[s.preset] = autoattack_once(Path(runs[s.name]["dir"]), runs[s.name]["cfg"], aa_n,
+                                                       data_dir, progress, quiet)
     analysis = None
     if t.analysis:
         _log(f"analysis {t.analysis}", quiet)
         analysis = run_analysis(t.analysis, runs, budget, out, data_dir, progress)
 
-    summary = _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0, controls)
+    summary = _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0, controls,
+                       autoattack)
     atomic_write_text(out / "reproduce.json", json.dumps(summary, indent=2, default=str) + "\n")
     atomic_write_text(out / "README.md", render_readme(summary))
     _log(f"written {out / 'README.md'}", quiet)
@@ -390,7 +431,7 @@ def _fmt(v) -> str:
 
 
 def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides, data_dir, t0,
-             controls=None) -> dict:
+             controls=None, autoattack=None) -> dict:
     run_rows = []
     for name, r in runs.items():
         d = Path(r["dir"])
@@ -439,7 +480,34 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
         "runs": run_rows, "results": results, "analysis": analysis,
         "comparisons": (comps := _comparisons(results, controls or {}, runs)),
         "verdicts": verdicts(comps),
+        "autoattack": _autoattack_summary(autoattack or {}, runs, out),
     }
+
+
+def _autoattack_summary(aa: dict, runs: dict, out: Path) -> dict:
+    """Per evaluated preset: its AutoAttack evaluation's rows; per method: the paired difference from the
+    baseline (the first preset) under AutoAttack, on the same images."""
+    if not aa:
+        return {}
+    rows = {}
+    for p, ev in aa.items():
+        d = Path(runs[f"{p}-seed0"]["dir"])
+        rows[p] = {"n": ev["n"], "column": (paper_results(p) or {}).get("column", p),
+                   "dir": os.path.relpath(d / AUTOATTACK_DIR, out), "seconds": ev["settings"].get("seconds"),
+                   "rows": {r["id"]: {"title": r["title"], "ours": 100 * r["accuracy"],
+                                      "ci95": [100 * r["ci95"][0], 100 * r["ci95"][1]]} for r in ev["rows"]},
+                   "checks": ev.get("checks", [])}
+    base = next(iter(aa))
+    flags = {p: _per_example(Path(runs[f"{p}-seed0"]["dir"]), AUTOATTACK_DIR) for p in aa}
+    diffs = []
+    for p in list(aa)[1:]:
+        a, b = flags[base], flags[p]
+        if a is None or b is None or len(a["indices"]) != len(b["indices"]) or not (
+                a["indices"] == b["indices"]).all():
+            continue
+        diffs.append({"label": f"{rows[p]['column']} - {rows[base]['column']}",
+                      **paired_difference(a["autoattack"], b["autoattack"])})
+    return {"presets": rows, "differences": diffs}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -483,6 +551,7 @@ def render_readme(s: dict) -> str:
         L += _results_section(s)
         L += _comparison_section(s)
         L += _verdict_section(s)
+    L += _autoattack_section(s.get("autoattack") or {})
     if s.get("out") and (Path(s["out"]) / "NOTES.md").exists():
         L += ["## Reading", "", "What these numbers mean, beside the paper's claims: [NOTES.md](NOTES.md).", ""]
     if s["analysis"]:
@@ -562,9 +631,9 @@ def _results_section(s: dict) -> list[str]:
     return L
 
 
-def _per_example(run_dir: Path) -> dict[str, Any] | None:
-    """eval/per_example.safetensors of a run: row id -> robust flags (bool array), plus 'indices'."""
-    f = run_dir / "eval" / "per_example.safetensors"
+def _per_example(run_dir: Path, sub: str = "eval") -> dict[str, Any] | None:
+    """SUB/per_example.safetensors of a run: row id -> robust flags (bool array), plus 'indices'."""
+    f = run_dir / sub / "per_example.safetensors"
     try:
         d = load_file(str(f))
     except (OSError, ValueError, SafetensorError):  # missing or damaged: no paired statistics
@@ -692,6 +761,35 @@ def _verdict_section(s: dict) -> list[str]:
     for v in rows:
         L.append(f"| {v['title']} | {v['label']} | {_signed(v['paper'])} | {_signed(v['seed0'])} | "
                  f"{_signed(v['seed1'])} | **{v['verdict']}** | {v['reason']} |")
+    return [*L, ""]
+
+
+def _autoattack_section(a: dict) -> list[str]:
+    if not a:
+        return []
+    pres = a["presets"]
+    L = ["### AutoAttack (standard) on the seed-0 models", "",
+         ("AutoAttack (APGD-CE, APGD-T, FAB-T, Square; the `pyautoattack` package) on a seeded sample of test "
+          "images, beside natural accuracy and the preset's PGD on the same images. An AutoAttack accuracy "
+          "far below PGD's would mean PGD overstates robustness (the check flags a gap over its limit)."), "",
+         "| model | images | Natural | PGD | AutoAttack | 95% CI | AutoAttack - PGD | check |",
+         "|---|---|---|---|---|---|---|---|"]
+    for p, v in pres.items():
+        r = v["rows"]
+        pgd = next(x for k, x in r.items() if k.startswith("whitebox/"))
+        aa = r["autoattack"]
+        chk = next((c for c in v["checks"] if c["name"] == "autoattack_vs_pgd"), None)
+        L.append(f"| `{p}` ({v['column']}) | {v['n']:,} | {_pct(r['natural']['ours'])} | {pgd['title']}: "
+                 f"{_pct(pgd['ours'])} | {_pct(aa['ours'])} | {_pct(aa['ci95'][0])}-{_pct(aa['ci95'][1])} | "
+                 f"{_signed(aa['ours'] - pgd['ours'])} | {chk['status'] if chk else '-'} |")
+    if a["differences"]:
+        L += ["", "Methods against the baseline under AutoAttack (paired, same images; one seed pair):", "",
+              "| difference | ours | 95% CI | McNemar p | images won / lost |", "|---|---|---|---|---|"]
+        for d in a["differences"]:
+            L.append(f"| {d['label']} | {_signed(d['diff'])} | {d['ci95'][0]:+.2f} to {d['ci95'][1]:+.2f} | "
+                     f"{d['p_mcnemar']:.2g} | {d['only_b']} / {d['only_a']} |")
+    L.append("")
+    L.append("Files: " + ", ".join(f"`{v['dir']}/`" for v in pres.values()) + ".")
     return [*L, ""]
 
 

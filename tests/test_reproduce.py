@@ -237,3 +237,18 @@ def test_verdicts_follow_the_stated_rule(pairs, seeds, paper, expected):
     assert v["verdict"] == expected, v["reason"]
     assert v["seed_noise"] == pytest.approx(max(abs(x) for x in seeds))
     assert f"{o0:+.2f}" in v["reason"] and f"{o1:+.2f}" in v["reason"]
+
+
+def test_cli_shows_progress_in_a_log_file_too(monkeypatch, capsys):
+    """Under nohup stderr is a file: progress must still be on (progress.py writes plain lines there)."""
+    import robustfeat.cli.reproduce as cli_rp
+    seen = []
+
+    def fake(target, budget, out, **kw):
+        seen.append(kw["progress"])
+        return {"title": target, "budget": budget}
+
+    monkeypatch.setattr(cli_rp, "reproduce", fake)
+    assert main(["reproduce", "figure2", "--budget", "smoke"]) == 0  # capsys: stderr is no terminal
+    assert main(["reproduce", "figure2", "--budget", "smoke", "--quiet"]) == 0
+    assert seen == [True, False]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..reproduce import TARGETS, default_out, dry_run, reproduce
@@ -36,7 +35,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(line)
         return 0
     s = reproduce(args.target, args.budget, args.out, runs_dir=args.runs, overrides=args.set,
-                  data_dir=args.data_dir, progress=not args.quiet and sys.stderr.isatty(), quiet=args.quiet)
+                  data_dir=args.data_dir, progress=not args.quiet, quiet=args.quiet)
     out = Path(args.out) if args.out else default_out(args.target, args.budget)
     print(f"done: {s['title']} ({s['budget']} budget); report in {out}/README.md")
     return 0

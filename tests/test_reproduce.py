@@ -139,6 +139,8 @@ def test_table1_end_to_end_writes_the_readme(table1):
                                          - nat0)
     for r in s["runs"]:
         assert r["revisions"] and f"`{r['revisions'][0][:10]}" in text
+        assert f"`{r['weights_fingerprint'][:16]}`" in text
+    assert s["runs"][0]["weights_fingerprint"] == ev["model_fingerprint"]  # the weights eval.json evaluated
     # AutoAttack on each seed-0 model, beside natural and the preset's PGD on the same 4 images
     aa = s["autoattack"]["presets"]
     assert set(aa) == {"mnist-at", "mnist-at-reg"} and "### AutoAttack (standard) on the seed-0 models" in text

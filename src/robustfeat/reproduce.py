@@ -43,12 +43,12 @@ from .analysis.pipeline import (
 )
 from .checkpoint import atomic_write_text, read_checkpoint
 from .config import ConfigError, load_config, preset_budgets
-from .eval.load import checkpoint_path, file_sha256
+from .eval.load import checkpoint_path, file_sha256, load_model
 from .eval.paper import PAPER_CLASSIFIER_TEST_ACC, PAPER_TABLE4, paper_results
 from .eval.report import percent
 from .eval.run import evaluate_run
 from .eval.stats import paired_difference
-from .eval.suite import Row
+from .eval.suite import Row, model_fingerprint
 from .registry import suggest
 from .train import LAST, TrainingError, git_revision, machine_info, same_experiment, train
 
@@ -444,6 +444,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
             "best_val_pgd": meta["extra"].get("best_val_pgd"), "last_val": meta["extra"].get("val"),
             "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
             "revisions": train_revisions(d),
+            "weights_fingerprint": model_fingerprint(load_model(d)),
         })
     results = {}
     for preset, ev in evals.items():
@@ -557,16 +558,18 @@ def render_readme(s: dict) -> str:
     if s["analysis"]:
         L += _analysis_section(s["analysis"])
     L += ["## Runs", "",
-          "| run | role | steps | examples | best val PGD | wall time | trained at | directory |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| run | role | steps | examples | best val PGD | wall time | trained at | weights | directory |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in s["runs"]:
         bv = r["best_val_pgd"]
         revs = ", ".join(f"`{x[:10]}{'-dirty' if x.endswith('-dirty') else ''}`" for x in r.get("revisions", []))
         L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
                  f"{'-' if bv is None or bv < 0 else f'{100 * bv:.1f}%'} | {_hms(r['wall_seconds'])} | "
-                 f"{revs or '?'} | `{r['dir']}` |")
+                 f"{revs or '?'} | `{r['weights_fingerprint'][:16]}` | `{r['dir']}` |")
     L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
-          "the `best` checkpoint is chosen by it and evaluated."), "", "## Budget", ""]
+          "the `best` checkpoint is chosen by it and evaluated. *weights*: the start of the sha256 of the "
+          "`best` weights' tensors (names, shapes, values; `model_fingerprint` in eval.json), which a rerun of "
+          "the same command on the same kind of machine reproduces."), "", "## Budget", ""]
     if s["budget"] == "paper":
         L.append("The published schedules, unchanged.")
     else:

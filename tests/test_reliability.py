@@ -52,7 +52,7 @@ train_mod = importlib.import_module("robustfeat.train.loop")
 
 # 6 steps of the MNIST CNN on 200 embedded images: about a second.
 TINY = [
-    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=6",
+    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=6", "optim.milestones=[]",
     "attack.steps=1", "attack.step_size=0.3", "attack.eps_warmup_examples=30",
     "eval_attack.steps=1", "eval_attack.step_size=0.3",
     "run.eval_every=3", "run.eval_size=20", "run.log_every=1",
@@ -91,7 +91,7 @@ def good_run(cfg, splits, tmp_path_factory):
 # (a) SIGKILL at random moments, resume, bit-identical result
 
 KILL_OVERRIDES = [
-    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=16",
+    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=16", "optim.milestones=[]",
     "attack.steps=1", "attack.step_size=0.3", "attack.eps_warmup_examples=60",
     "eval_attack.steps=3", "eval_attack.step_size=0.1",
     "run.eval_every=4", "run.eval_size=60", "run.log_every=1", "run.checkpoint_every=1", "run.threads=1",

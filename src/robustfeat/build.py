@@ -59,12 +59,33 @@ class Splits:
 
 
 def build_splits(cfg: Config, data_dir: str | None = None, download: bool = True) -> Splits:
+    """The dataset of ``cfg`` and its train / validation split; ``data.train_size`` beyond the training
+    images left after the validation split is a ConfigError (it would train on fewer than asked)."""
     d = cfg.data
     ds = load_dataset(d.name, data_dir or d.dir, path=d.path, download=download, coarse=d.coarse_labels)
     (x_tr, y_tr), (x_val, y_val) = train_val_split(ds, d.val_size, seed=0)
     if d.train_size is not None:
+        if d.train_size > len(y_tr):
+            raise ConfigError(
+                f"data.train_size={d.train_size} is more than the {len(y_tr):,} training images of {ds.name} "
+                f"left after the validation split (data.val_size={d.val_size}); lower it, or set "
+                "data.train_size=null to use all of them")
         x_tr, y_tr = x_tr[: d.train_size], y_tr[: d.train_size]
     return Splits(ds, x_tr, y_tr, x_val, y_val)
+
+
+def check_model_fits(cfg: ModelConfig, num_classes: int, image_shape: tuple[int, ...], what: str) -> None:
+    """ConfigError unless the model of ``cfg`` takes (C, H, W) images of ``what`` (a dataset, in words):
+    one forward pass on the meta device, so nothing is allocated or computed."""
+    try:
+        with torch.device("meta"):
+            build_model(cfg, num_classes, image_shape[0]).eval()(torch.empty(2, *image_shape))
+    except (ValueError, RuntimeError) as e:
+        c, h, w = image_shape
+        raise ConfigError(
+            f"model.name={cfg.name!r} cannot take the {c}x{h}x{w} images of {what} (it is made for "
+            f"{model_info(cfg.name).inputs}: {' '.join(str(e).split())[:160]}); use images of that size or "
+            "another model (robustfeat.list_models())") from None
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> RobustModel:

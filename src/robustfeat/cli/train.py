@@ -104,6 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = res.last_val
     if not main_rank:
         return 0
+    if res.note:
+        print(f"{out}: {res.note}")
+        return 0
     print(
         f"done: step {res.step:,} in {res.seconds:.0f}s; validation clean {val.get('clean_acc', float('nan')):.2%}, "
         f"PGD {val.get('pgd_acc', float('nan')):.2%}; best validation PGD {res.best_val_pgd:.2%}; "

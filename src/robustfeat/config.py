@@ -716,6 +716,12 @@ def _check_load_args(preset: Any, budget: Any, overrides: Any, path: Any) -> lis
         raise ConfigError(f"path={path!r} is invalid: expected the path of a YAML file")
     if not isinstance(budget, str):
         raise ConfigError(f"budget={budget!r} is invalid: expected a budget name such as 'cpu' or 'paper'")
+    return as_overrides(overrides)
+
+
+def as_overrides(overrides: Any) -> list[str]:
+    """``overrides`` as a list of KEY=VALUE strings (None: none); a single string is refused, since it
+    would be read character by character."""
     if overrides is None:
         return []
     if isinstance(overrides, (str, bytes)):

@@ -41,6 +41,7 @@ from .rundir import (
     RunJson,
     check_new_run_dir,
     check_splits,
+    experiment_differences,
     prepare_run_dir,
     resume_plan,
     same_experiment,
@@ -379,8 +380,8 @@ def check_start(cfg: Config, out_dir: Path, resume: bool) -> dict | None:
     meta = resume_plan(out_dir, cfg)
     if meta is not None and not same_experiment(meta["config"], cfg.to_dict()):
         raise CheckpointError(
-            f"{str(out_dir / LAST)!r} was written by another config than {str(out_dir / 'config.yaml')!r}; "
-            "refusing to resume from it"
+            f"{str(out_dir / LAST)!r} was written by another config than {str(out_dir / 'config.yaml')!r} "
+            f"({experiment_differences(meta['config'], cfg.to_dict())}); refusing to resume from it"
         )
     return meta
 

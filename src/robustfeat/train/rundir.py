@@ -176,19 +176,34 @@ def saved_config(out_dir: Path) -> Config:
         raise TrainingError(f"--resume: the run's config.yaml is damaged or invalid ({e})") from None
 
 
+def _experiment(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as the comparison of experiments sees it: read back through the config classes
+    (a config saved before a key existed takes the key's default, by rule the behaviour from before the
+    key existed), without data.dir."""
+    try:
+        d = config_from_dict(d).to_dict()
+    except ConfigError:
+        pass  # an invalid saved config compares as it is (and so differs)
+    return {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "dir"}}
+
+
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Configs equal up to where the data lives (data.dir may differ between machines). Both are read
-    back through the config classes first, so a config saved before a key existed compares with the
-    key's default (which is, by rule, the behaviour from before the key existed)."""
+    """Configs equal up to where the data lives (data.dir may differ between machines)."""
+    return _experiment(a) == _experiment(b)
 
-    def norm(d: dict[str, Any]) -> dict[str, Any]:
-        try:
-            d = config_from_dict(d).to_dict()
-        except ConfigError:
-            pass  # an invalid saved config compares as it is (and so differs)
-        return {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "dir"}}
 
-    return norm(a) == norm(b)
+def experiment_differences(a: dict[str, Any], b: dict[str, Any], limit: int = 3) -> str:
+    """The first keys where two configs differ as experiments, e.g. "method.name 'at' / 'at-reg'"."""
+    a, b = _experiment(a), _experiment(b)
+    out = []
+    for sec in sorted(set(a) | set(b), key=str):
+        x, y = a.get(sec), b.get(sec)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{sec}.{k} {x.get(k)!r} / {y.get(k)!r}" for k in sorted(set(x) | set(y), key=str)
+                    if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(f"{sec} {x!r} / {y!r}")
+    return ", ".join(out[:limit]) + (", ..." if len(out) > limit else "")
 
 
 def first_checkpoint_step(cfg: Config) -> int:
@@ -197,7 +212,8 @@ def first_checkpoint_step(cfg: Config) -> int:
     return min(every)
 
 
-def _metrics_records(out_dir: Path) -> list[dict[str, Any]]:
+def metrics_records(out_dir: Path) -> list[dict[str, Any]]:
+    """The readable records of metrics.jsonl that have an integer step (torn or damaged lines skipped)."""
     try:
         lines = (out_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
     except OSError:
@@ -229,7 +245,7 @@ def finished_step(out_dir: Path, steps: int) -> int | None:
     sessions = recorded_sessions(out_dir)
     if any(_step_of(h.get("to_step")) >= steps and h.get("ended", "finished") == "finished" for h in sessions):
         return steps
-    if not sessions and any(r.get("kind") == "eval" and r["step"] == steps for r in _metrics_records(out_dir)):
+    if not sessions and any(r.get("kind") == "eval" and r["step"] == steps for r in metrics_records(out_dir)):
         return steps
     return None
 
@@ -242,7 +258,7 @@ def recorded_step(out_dir: Path) -> int:
     """The furthest step any file of the run records (0 when none does): ``best``'s step, the sessions of
     run.json, the validations of metrics.jsonl."""
     steps = [0, *(_step_of(h.get("to_step")) for h in recorded_sessions(out_dir)),
-             *(r["step"] for r in _metrics_records(out_dir) if r.get("kind") == "eval")]
+             *(r["step"] for r in metrics_records(out_dir) if r.get("kind") == "eval")]
     if (out_dir / BEST).is_file():
         try:
             steps.append(read_checkpoint(out_dir / BEST)[1]["step"])
@@ -261,11 +277,12 @@ def resume_plan(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
     """
     check_layout(out_dir)
     if (out_dir / "config.yaml").exists():
-        saved = saved_config(out_dir)
-        if not same_experiment(saved.to_dict(), cfg.to_dict()):
+        saved = saved_config(out_dir).to_dict()
+        if not same_experiment(saved, cfg.to_dict()):
             raise TrainingError(
-                f"--resume: the config differs from the one saved in {str(out_dir / 'config.yaml')!r}; "
-                "resume without --preset/overrides, or start a new run with --out"
+                f"--resume: the config differs from the one saved in {str(out_dir / 'config.yaml')!r} "
+                f"({experiment_differences(saved, cfg.to_dict())}: saved / given); resume without "
+                "--preset/overrides, or start a new run with --out"
             )
     if (out_dir / LAST).is_file():
         return read_checkpoint(out_dir / LAST)[1]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attacks import eval_mode
 from .config import Config, ConfigError, ModelConfig, RunConfig
 from .data import Dataset, load_dataset, train_val_split
 from .models import RobustModel, create_model, model_info
@@ -74,12 +75,14 @@ def build_splits(cfg: Config, data_dir: str | None = None, download: bool = True
     return Splits(ds, x_tr, y_tr, x_val, y_val)
 
 
-def check_model_fits(cfg: ModelConfig, num_classes: int, image_shape: tuple[int, ...], what: str) -> None:
-    """ConfigError unless the model of ``cfg`` takes (C, H, W) images of ``what`` (a dataset, in words):
-    one forward pass on the meta device, so nothing is allocated or computed."""
+def check_model_fits(model: torch.nn.Module, cfg: ModelConfig, image_shape: tuple[int, ...], what: str) -> None:
+    """ConfigError unless ``model`` (built from ``cfg``) takes (C, H, W) images of ``what`` (the data, in
+    words): one forward pass of one blank image in eval mode, which changes no weight or statistic."""
+    p = next(model.parameters())
+    x = torch.zeros(1, *image_shape, device=p.device)
     try:
-        with torch.device("meta"):
-            build_model(cfg, num_classes, image_shape[0]).eval()(torch.empty(2, *image_shape))
+        with eval_mode(model), torch.no_grad():
+            model(x)
     except (ValueError, RuntimeError) as e:
         c, h, w = image_shape
         raise ConfigError(

@@ -404,12 +404,12 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
         splits = build_splits(cfg, data_dir)
     ds, device = splits.dataset, dctx.device
     check_splits(cfg, splits)
-    check_model_fits(cfg.model, ds.num_classes, ds.image_shape,
-                     f"data.name={cfg.data.name!r}" + (f" ({cfg.data.path})" if cfg.data.path else ""))
 
     # model and optimizer: the seed's first initialization, the same on every rank
     torch.manual_seed(derived_seed(cfg.run.seed, 0))
     model = build_model(cfg.model, ds.num_classes, ds.image_shape[0]).to(device)
+    check_model_fits(model, cfg.model, ds.image_shape,
+                     f"data.name={cfg.data.name!r}" + (f" ({cfg.data.path})" if cfg.data.path else ""))
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.run.sync_bn:

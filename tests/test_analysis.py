@@ -302,7 +302,8 @@ def att_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
     cfg = load_config("demo", overrides=[
-        "data.train_size=40", "data.val_size=20", "optim.batch_size=20", "optim.steps=1", "attack.steps=1",
+        "data.train_size=40", "data.val_size=20", "optim.batch_size=20", "optim.steps=1", "optim.milestones=[]",
+        "attack.steps=1",
         "eval_attack.steps=1", "run.eval_every=1", "run.eval_size=20", "run.log_every=1",
     ])
     out = tmp_path_factory.mktemp("runs") / "mnist"

@@ -20,7 +20,7 @@ from robustfeat.train import extensions as extensions_module
 from robustfeat.train.extensions import base as base_module
 
 TINY = [
-    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6",
+    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6", "optim.milestones=[]",
     "attack.steps=2", "attack.step_size=0.15", "attack.eps_warmup_examples=60",
     "eval_attack.steps=2", "eval_attack.step_size=0.15",
     "run.eval_every=3", "run.eval_size=40", "run.log_every=2",

@@ -16,7 +16,7 @@ from robustfeat.methods import method_loss
 from robustfeat.train import same_experiment, train
 
 TINY = [
-    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=4",
+    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=4", "optim.milestones=[]",
     "attack.steps=3", "attack.step_size=0.1", "eval_attack.steps=2", "eval_attack.step_size=0.15",
     "run.eval_every=4", "run.eval_size=40", "run.log_every=2",
 ]

@@ -1,9 +1,13 @@
-"""Reliability and safety (issue 7): killed runs resume bit-identically, writes are atomic, nothing
-unsafe is loaded, and bad input of every kind gets one clear error and leaves nothing behind.
+"""Reliability and safety (issues 7 and 25): killed and interrupted runs resume bit-identically, writes
+are atomic, nothing unsafe is loaded, and bad input of every kind gets one clear error and leaves
+nothing behind: no file of a run directory is changed or lost by a command that refuses.
 
 The kill test SIGKILLs a real ``robustfeat train`` process at seeded random moments aimed at the three
-phases that matter (a training step, a validation evaluation, a checkpoint write), resumes it with
-``--resume`` and compares every tensor of the final checkpoints with an uninterrupted run.
+phases that matter (a training step, a validation evaluation, a checkpoint write), and interrupts it
+with SIGINT and SIGTERM (exit 130 and 143, ``last`` saved where it stopped), resumes it with
+``--resume`` and compares every tensor of the final checkpoints with an uninterrupted run. The
+catalogues (c) and (f) hold the bad inputs; (g) what a user may do to a run directory; (h) signals
+in process, where the step they arrive at is exact.
 
 Determinism on CPU: the kernels these models use (conv, linear, max-pool, BatchNorm, Adam/SGD) give
 bit-identical results for a fixed thread count, so no ``torch.use_deterministic_algorithms`` is needed
@@ -20,6 +24,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +37,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from robustfeat.analysis.measures import AnalysisError
 from robustfeat.api import load_model, load_run
 from robustfeat.checkpoint import (
     FORMAT,
@@ -44,7 +50,7 @@ from robustfeat.cli import main
 from robustfeat.config import ConfigError, config_from_dict, load_config
 from robustfeat.data import DataError, load_dataset
 from robustfeat.data.datasets import read_idx
-from robustfeat.train import BEST, LAST, TrainingError, train
+from robustfeat.train import BEST, LAST, Extension, Interrupted, TrainingError, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # the module, not the function that robustfeat/__init__.py exports under the same name
@@ -52,7 +58,7 @@ train_mod = importlib.import_module("robustfeat.train.loop")
 
 # 6 steps of the MNIST CNN on 200 embedded images: about a second.
 TINY = [
-    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=6",
+    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=6", "optim.milestones=[]",
     "attack.steps=1", "attack.step_size=0.3", "attack.eps_warmup_examples=30",
     "eval_attack.steps=1", "eval_attack.step_size=0.3",
     "run.eval_every=3", "run.eval_size=20", "run.log_every=1",
@@ -79,6 +85,13 @@ def _snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def _stat_snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file under ``root`` with its size, mtime and inode: cheaper than ``_snapshot`` for the shared
+    runs the cases only read (any write, atomic or in place, changes one of them)."""
+    return {str(p.relative_to(root)): (st.st_size, st.st_mtime_ns, st.st_ino)
+            for p in sorted(root.rglob("*")) for st in [p.stat()]}
+
+
 @pytest.fixture(scope="module")
 def good_run(cfg, splits, tmp_path_factory):
     """A finished tiny run (checkpoints best + last), trained once for the whole module."""
@@ -91,7 +104,7 @@ def good_run(cfg, splits, tmp_path_factory):
 # (a) SIGKILL at random moments, resume, bit-identical result
 
 KILL_OVERRIDES = [
-    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=16",
+    "data.train_size=200", "data.val_size=100", "optim.batch_size=10", "optim.steps=16", "optim.milestones=[]",
     "attack.steps=1", "attack.step_size=0.3", "attack.eps_warmup_examples=60",
     "eval_attack.steps=3", "eval_attack.step_size=0.1",
     "run.eval_every=4", "run.eval_size=60", "run.log_every=1", "run.checkpoint_every=1", "run.threads=1",
@@ -151,8 +164,25 @@ def _classify(run: Path, ckpt_step: int, session_mark: int) -> str:
     return "training step" if ckpt_step > 0 else "start-up"
 
 
+def _interrupt(proc: subprocess.Popen, run: Path, phase: str) -> tuple[str, int] | None:
+    """Send SIGINT or SIGTERM: the command saves ``last`` where it stopped, records the session and
+    exits with 130 or 143 and one line that says how to continue."""
+    signum = getattr(signal, phase)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1].decode()
+    if proc.returncode == 0:  # it finished first
+        return None
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines()[-1].startswith(f"robustfeat train: stopped by {phase} after step"), err
+    session = json.loads((run / "run.json").read_text())["sessions"][-1]
+    step = _ckpt_step(run)
+    assert session["ended"] == f"interrupted ({phase})" and session["to_step"] == step, session
+    return phase, step
+
+
 def _kill_once(run: Path, phase: str, rng: random.Random, first: bool) -> tuple[str, int] | None:
-    """Start (or resume) the run, SIGKILL it in ``phase``; None if it finished first."""
+    """Start (or resume) the run, SIGKILL it in ``phase`` (or send the signal ``phase`` names); None if it
+    finished first."""
     args = (["train", "--preset", "demo", "--out", str(run), "--quiet", *KILL_OVERRIDES] if first
             else ["train", "--resume", str(run), "--quiet"])
     session_mark = _mtime(run / "run.json")  # run.json is rewritten when a session starts its loop
@@ -165,7 +195,7 @@ def _kill_once(run: Path, phase: str, rng: random.Random, first: bool) -> tuple[
             alive = proc.poll() is None
         else:
             alive = _wait_until(lambda: _mtime(run / "run.json") != session_mark, proc)
-            if alive and phase == "training step":
+            if alive and phase in ("training step", "SIGINT", "SIGTERM"):
                 time.sleep(rng.uniform(0.2, 1.0))
             elif alive and phase == "checkpoint write":
                 alive = _wait_until(lambda: bool(_tmp_files(run)), proc, poll=0.0005)
@@ -186,6 +216,8 @@ def _kill_once(run: Path, phase: str, rng: random.Random, first: bool) -> tuple[
             proc.wait()
             assert proc.returncode == 0, proc.stderr.read().decode()
             return None
+        if phase in ("SIGINT", "SIGTERM"):
+            return _interrupt(proc, run, phase)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -213,7 +245,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     rng = random.Random(20240607)
-    plan = ["training step", "checkpoint write", "evaluation", "start-up", "checkpoint write", "evaluation"]
+    plan = ["training step", "SIGINT", "checkpoint write", "evaluation", "SIGTERM", "start-up", "checkpoint write",
+            "evaluation"]
     seen, steps = [], []
     try:
         for i, phase in enumerate(plan):
@@ -238,7 +271,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         ref_proc.stderr.close()
     print(f"kills ({len(seen)}): {list(zip(seen, steps, strict=True))}")
     assert len(seen) >= 5, seen
-    assert "checkpoint write" in seen and "evaluation" in seen, seen
+    assert {"checkpoint write", "evaluation", "SIGINT", "SIGTERM"} <= set(seen), seen
 
     # bit-identical weights, optimizer state and best checkpoint
     for f in (LAST, BEST):
@@ -681,15 +714,9 @@ CATALOGUE = {
 }
 
 
-@pytest.mark.parametrize("name", list(CATALOGUE))
-def test_bad_input_catalogue(name, good_run, tmp_path, monkeypatch, capsys):
-    setup, expected = CATALOGUE[name]
-    work = tmp_path / "w"
-    work.mkdir()
-    monkeypatch.chdir(work)  # a default run directory (runs/...) would appear here
-    good_before = _snapshot(good_run)
-    thunk = setup(work, good_run)
-    before = _snapshot(work)
+def _assert_refused(name: str, thunk, expected, capsys, fragment: str | None = None) -> str:
+    """Run ``thunk``: the exact exception class ``expected`` (or exit status 2 from the command line)
+    with a one-line message holding ``fragment``; returns the message."""
     capsys.readouterr()
     if expected == 2:
         try:
@@ -703,18 +730,40 @@ def test_bad_input_catalogue(name, good_run, tmp_path, monkeypatch, capsys):
         assert lines and "error:" in lines[-1], err
         if not lines[0].startswith("usage:"):
             assert len(lines) == 1, err
+        msg = lines[-1]
     else:
         with pytest.raises(expected) as ei:
             thunk()
         assert type(ei.value) is expected, repr(ei.value)  # exactly this class, not a subclass
         msg = str(ei.value)
         assert msg and "\n" not in msg and "Traceback" not in msg
+    if fragment is not None:
+        assert fragment in msg, f"{name}: {fragment!r} not in {msg!r}"
+    return msg
+
+
+def _run_case(name, setup, expected, fragment, sources: dict[str, Path], tmp_path, monkeypatch, capsys):
+    """The catalogue's harness: ``setup`` builds its files in a fresh folder; the call must be refused
+    as ``expected`` and leave every file of that folder and of ``sources`` byte for byte as it was."""
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a default run directory (runs/...) would appear here
+    sources_before = {k: _stat_snapshot(v) for k, v in sources.items()}
+    thunk = setup(work, *sources.values())
+    before = _snapshot(work)
+    _assert_refused(name, thunk, expected, capsys, fragment)
     after = _snapshot(work)
     for k in set(after) - set(before):  # eval may write its report only on success: never here
         raise AssertionError(f"{name} left {k} behind")
     assert after == before, f"{name} changed files"
-    assert _snapshot(good_run) == good_before
+    assert {k: _stat_snapshot(v) for k, v in sources.items()} == sources_before
     assert not (work / "PWNED").exists()
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_bad_input_catalogue(name, good_run, tmp_path, monkeypatch, capsys):
+    setup, expected = CATALOGUE[name]
+    _run_case(name, setup, expected, None, {"good": good_run}, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(
@@ -749,3 +798,385 @@ def test_resume_accepts_another_data_dir(cfg, splits, tmp_path):
     train(cfg, run, splits=splits, progress=False, stop_after=3)
     moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(tmp_path / "elsewhere")))
     assert train(moved, run, splits=splits, progress=False, resume=True).step == 6
+
+
+# =========================================================================================================
+# (f) the catalogue, second pass (issue 25): no silent data loss, no silent wrong number. Each case is
+# (setup(tmp, good_run, cut_run) -> thunk, the exact error class or 2 for the command line, a fragment
+# of the one-line message); the harness checks that no file of the case's folder, of the finished run
+# or of the cut run changed, appeared or disappeared.
+
+
+@pytest.fixture(scope="module")
+def cut_run(cfg, splits, tmp_path_factory):
+    """A run stopped at step 5 of 6: ``last`` at 5, ``best`` from the validation of step 3."""
+    run = tmp_path_factory.mktemp("cut") / "run"
+    train(cfg, run, splits=splits, progress=False, stop_after=5)
+    return run
+
+
+def _copy_run(tmp: Path, src: Path, drop: tuple[str, ...] = (), name: str = "run", **files: str | bytes) -> Path:
+    """A copy of the run directory ``src`` without ``drop`` and with ``files`` (path: content) written;
+    ``files`` keys use '__' for '/'."""
+    run = tmp / name
+    shutil.copytree(src, run)
+    for f in drop:
+        p = run / f
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for key, content in files.items():
+        p = run / key.replace("__", "/")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+    return run
+
+
+def _foreign(path: Path, **run_keys) -> None:
+    """Rewrite the checkpoint ``path`` as if another run (``run`` keys changed, e.g. seed) had written it."""
+    tensors, meta = read_checkpoint(path)
+    config = {**meta["config"], "run": {**meta["config"]["run"], **run_keys}}
+    raw = {"format": FORMAT, "step": str(meta["step"]), "config": json.dumps(config),
+           "extra": json.dumps(meta["extra"])}
+    if meta["optimizer"] is not None:
+        raw["optimizer"] = json.dumps(meta["optimizer"])
+    _forge(path, tensors, raw)
+
+
+def _with_eval(run: Path) -> Path:
+    """A good earlier evaluation beside the run: a refused eval must leave it as it is."""
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "eval.json").write_text('{"clean_acc": 0.97, "note": "the good evaluation"}\n')
+    return run
+
+
+def _resume_cli(run: Path):
+    return partial(main, ["train", "--resume", str(run), "--quiet"])
+
+
+def _eval_cli(run: Path, *args: str):
+    return partial(main, ["eval", str(run), "--quiet", *args])
+
+
+def _model_and_data(g: Path, n: int = 4):
+    from robustfeat.data import load_dataset
+
+    ds = load_dataset("mnist-sample")
+    return load_model(g), ds.x_test[:n], ds.y_test[:n]
+
+
+def _evaluate_model(g: Path, *, x=None, y=None, **kw):
+    from robustfeat.eval import evaluate_model
+
+    model, x0, y0 = _model_and_data(g)
+    options = {"eps": 0.3, "step_size": 0.1, "suite": "quick", "progress": False, **kw}
+    return partial(evaluate_model, model, x0 if x is None else x, y0 if y is None else y, **options)
+
+
+def _npz_8x8(t: Path) -> Path:
+    r = np.random.default_rng(1)
+    return _npz(t, x_train=r.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), y_train=np.arange(40) % 4)
+
+
+NPZ_RUN = ["data.name=npz", "data.train_size=null", "data.val_size=8", "run.eval_size=8", "optim.batch_size=4"]
+
+
+def _train_api(t: Path, *overrides: str, out: str = "out", resume: bool = False):
+    return partial(train, load_config("demo", overrides=[*TINY, *overrides]), t / out, progress=False,
+                   resume=resume)
+
+
+CATALOGUE_2 = {
+    # --- resuming and retraining over what a run directory holds
+    "resume-finished-run-whose-last-was-deleted": (
+        lambda t, g, c: _resume_cli(_copy_run(t, g, drop=(LAST,))), 2, "finished at step 6"),
+    "resume-finished-run-whose-last-was-deleted-api": (
+        lambda t, g, c: partial(train, load_config("demo", overrides=TINY), _copy_run(t, g, drop=(LAST,)),
+                                progress=False, resume=True), TrainingError, "cannot be continued"),
+    "resume-run-without-any-checkpoint": (
+        lambda t, g, c: _resume_cli(_copy_run(t, g, drop=("checkpoints",))), 2, "finished at step 6"),
+    "resume-unfinished-run-whose-last-was-deleted": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, drop=(LAST,))), 2, "holds results up to step 5"),
+    "resume-unfinished-run-without-last-or-best": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, drop=("checkpoints",))), 2, "retrain from step 0"),
+    "resume-checkpoints-is-a-file": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, drop=("checkpoints",), checkpoints="x")), 2,
+        "is not a directory"),
+    "resume-last-is-a-directory": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, drop=(LAST,), **{"checkpoints__last.safetensors__x": "x"})), 2,
+        "is not a file"),
+    "resume-metrics-is-a-directory": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, drop=("metrics.jsonl",), **{"metrics.jsonl__x": "x"})), 2,
+        "metrics.jsonl' is not a file"),
+    "resume-empty-config": (lambda t, g, c: _resume_cli(_copy_run(t, c, **{"config.yaml": ""})), 2, "is empty"),
+    "resume-config-of-comments-only": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, **{"config.yaml": "# emptied to save space\n"})), 2, "is empty"),
+    "resume-config-with-a-duplicate-section": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, **{"config.yaml": (c / "config.yaml").read_text() + "optim: {}\n"})),
+        2, "given twice"),
+    "resume-last-of-another-run": (
+        lambda t, g, c: _resume_cli((r := _copy_run(t, c), _foreign(r / LAST, seed=7))[0]), 2,
+        "written by another config"),
+    "resume-config-changed-under-last": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, **{"config.yaml": (c / "config.yaml").read_text().replace(
+            "seed: 0", "seed: 3")})), 2, "another config"),
+    "resume-a-file": (lambda t, g, c: partial(main, ["train", "--resume", str(_yaml(t, "x: 1"))]), 2, "is a file"),
+    "train-over-finished-run-without-last": (
+        lambda t, g, c: partial(main, ["train", "--preset", "demo", "--quiet", "--out",
+                                       str(_copy_run(t, g, drop=(LAST,))), *TINY]), 2, "already holds a run"),
+    "train-over-records-without-checkpoints": (
+        lambda t, g, c: partial(main, ["train", "--preset", "demo", "--quiet", "--out",
+                                       str(_copy_run(t, c, drop=("checkpoints",))), *TINY]), 2, "cannot be resumed"),
+    "train-into-checkpoints-file": (
+        lambda t, g, c: (_yaml(t, "x"), (t / "out").mkdir(), (t / "out" / "checkpoints").write_text("x"),
+                         partial(main, ["train", "--preset", "demo", "--quiet", "--out", str(t / "out"), *TINY]))[-1],
+        2, "is not a directory"),
+    # --- evaluation: never a number from invalid settings, never over a good eval.json
+    "eval-negative-batch-size": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--batch-size", "-5"), 2,
+                                 "batch_size=-5"),
+    "eval-zero-batch-size": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--batch-size", "0"), 2,
+                             "batch_size=0"),
+    "eval-zero-n": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--n", "0"), 2, "n=0"),
+    "eval-negative-n": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--n", "-3"), 2, "n=-3"),
+    "eval-zero-restarts": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--restarts", "0"), 2,
+                           "restarts=0"),
+    "eval-eps-in-255-units": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--eps", "8"), 2,
+                              "eps=8.0"),
+    "eval-zero-step": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--step-size", "0"), 2,
+                       "step_size=0.0"),
+    "eval-seed-above-64-bits": (lambda t, g, c: _eval_cli(_with_eval(_copy_run(t, g)), "--seed", str(2**64)), 2,
+                                "seed="),
+    "eval-out-is-a-file": (lambda t, g, c: _eval_cli(_copy_run(t, g), "--out", str(_yaml(t, "x"))), 2,
+                           "not a directory"),
+    "eval-best-of-another-run": (
+        lambda t, g, c: _eval_cli(_with_eval((r := _copy_run(t, g), _foreign(r / BEST, seed=7))[0])), 2,
+        "was not written by the run"),
+    "eval-a-file": (lambda t, g, c: _eval_cli(_copy_run(t, g) / BEST), 2, "is a file, not a run directory"),
+    "eval-run-without-weights": (lambda t, g, c: _eval_cli(_copy_run(t, g, drop=("checkpoints",))), 2,
+                                 "holds no checkpoint"),
+    "load-best-of-another-run": (
+        lambda t, g, c: partial(load_model, (r := _copy_run(t, g), _foreign(r / BEST, seed=7))[0]),
+        CheckpointError, "was not written by the run"),
+    "load-last-when-deleted": (lambda t, g, c: partial(load_model, _copy_run(t, g, drop=(LAST,)), "last"),
+                               CheckpointError, "use --checkpoint best"),
+    "load-a-file-as-run": (lambda t, g, c: partial(load_model, _yaml(t, "x")), CheckpointError, "is a file"),
+    "load-a-number-as-run": (lambda t, g, c: partial(load_model, 42), CheckpointError, "run_dir=42"),
+    "load-bad-device": (lambda t, g, c: partial(load_model, g, device="gpu"), ConfigError, "'gpu'"),
+    "evaluate-labels-outside-the-model": (
+        lambda t, g, c: _evaluate_model(g, y=torch.tensor([0, 1, 2, 12])), DataError, "label 12"),
+    "evaluate-negative-label": (lambda t, g, c: _evaluate_model(g, y=torch.tensor([0, -1, 2, 3])), DataError,
+                                "label -1"),
+    "evaluate-images-in-0-255": (
+        lambda t, g, c: _evaluate_model(g, x=_model_and_data(g)[1].float()), DataError, "divide by 255"),
+    "evaluate-non-finite-images": (
+        lambda t, g, c: _evaluate_model(g, x=torch.full((4, 1, 28, 28), float("nan"))), DataError, "non-finite"),
+    "evaluate-more-labels-than-images": (
+        lambda t, g, c: _evaluate_model(g, y=torch.tensor([0, 1, 2, 3, 4])), DataError, "4 images but y 5"),
+    "evaluate-float-labels": (lambda t, g, c: _evaluate_model(g, y=torch.tensor([0.0, 1.0, 2.0, 3.0])), DataError,
+                              "integer labels"),
+    "evaluate-images-of-another-size": (
+        lambda t, g, c: _evaluate_model(g, x=torch.rand(4, 3, 8, 8)), DataError, "cannot take images"),
+    "evaluate-negative-batch-size": (lambda t, g, c: _evaluate_model(g, batch_size=-5), ConfigError,
+                                     "batch_size=-5"),
+    # --- what cannot be meant
+    "yaml-duplicate-section": (lambda t, g, c: partial(load_config, path=_yaml(t, "optim: {lr: 0.1}\noptim: {steps: 5}\n")),
+                               ConfigError, "'optim' is given twice (lines 1 and 2)"),
+    "yaml-duplicate-key": (lambda t, g, c: partial(load_config, path=_yaml(t, "optim:\n  lr: 0.1\n  lr: 0.2\n")),
+                           ConfigError, "'lr' is given twice"),
+    "yaml-duplicate-key-on-one-line": (lambda t, g, c: partial(load_config, path=_yaml(t, "run: {seed: 1, seed: 2}\n")),
+                                       ConfigError, "'seed' is given twice (line 1)"),
+    "yaml-empty-file": (lambda t, g, c: partial(load_config, path=_yaml(t, "")), ConfigError, "is empty"),
+    "yaml-a-directory": (lambda t, g, c: partial(load_config, path=t), ConfigError, "is a directory"),
+    "yaml-inherits-an-unknown-preset": (lambda t, g, c: partial(load_config, path=_yaml(t, "inherit: mnist-att\n")),
+                                        ConfigError, "unknown preset 'mnist-att'"),
+    "preset-and-config-file": (lambda t, g, c: partial(load_config, "demo", path=_yaml(t, "optim: {lr: 0.1}")),
+                               ConfigError, "a run has one config"),
+    "cli-preset-and-config": (
+        lambda t, g, c: partial(main, ["train", "--preset", "demo", "--config", str(_yaml(t, "optim: {lr: 0.1}")),
+                                       "--out", str(t / "o")]), 2, "a run has one config"),
+    "overrides-as-a-string": (lambda t, g, c: partial(load_config, "demo", overrides="optim.lr=0.1"), ConfigError,
+                              "is a string"),
+    "reproduce-overrides-as-a-string": (
+        lambda t, g, c: partial(importlib.import_module("robustfeat.reproduce").reproduce, "table1", "smoke",
+                                t / "r", overrides="optim.steps=2"), ConfigError, "is a string"),
+    "milestone-after-the-last-step": (lambda t, g, c: partial(load_config, "cifar10-at", overrides=["optim.steps=1000"]),
+                                      ConfigError, "never decay at 40000"),
+    "milestone-at-the-last-step": (lambda t, g, c: partial(load_config, "demo", overrides=["optim.steps=750"]),
+                                   ConfigError, "never decay at 750"),
+    "cli-milestone-after-the-last-step": (
+        lambda t, g, c: partial(main, ["train", "--preset", "cifar10-at", "--out", str(t / "o"), "optim.steps=1000"]),
+        2, "optim.milestones"),
+    "eval-size-above-val-size": (lambda t, g, c: partial(load_config, "demo", overrides=["run.eval_size=600"]),
+                                 ConfigError, "run.eval_size=600"),
+    "train-size-beyond-the-data": (lambda t, g, c: _train_api(t, "data.train_size=20000"), ConfigError,
+                                   "data.train_size=20000"),
+    "cli-train-size-beyond-the-data": (
+        lambda t, g, c: partial(main, ["train", "--preset", "demo", "--out", str(t / "o"), "--quiet", *TINY,
+                                       "data.train_size=9950"]), 2, "data.train_size=9950"),
+    "npz-test-label-without-training-images": (
+        lambda t, g, c: partial(load_dataset, "npz", path=_npz(t, y_test=np.array([0, 1, 2, 3, 1000, 1]))),
+        DataError, "y_test has label 1000"),
+    "seed-above-64-bits": (lambda t, g, c: partial(load_config, "demo", overrides=[f"run.seed={2**64 + 1}"]),
+                           ConfigError, "would give the run of seed 1"),
+    "train-a-dict": (lambda t, g, c: partial(train, {"optim": {"lr": 0.1}}, t / "o"), ConfigError, "needs a Config"),
+    "train-into-none": (lambda t, g, c: partial(train, load_config("demo", overrides=TINY), None), ConfigError,
+                        "out_dir=None"),
+    "analysis-run-dirs-as-a-string": (
+        lambda t, g, c: partial(importlib.import_module("robustfeat.analysis.pipeline").gradient_maps_of_runs, str(g)),
+        AnalysisError, "expected a list of run directories"),
+    # --- errors that say what is wrong
+    "npz-8x8-images-on-the-mnist-model": (lambda t, g, c: _train_api(t, *NPZ_RUN, f"data.path={_npz_8x8(t)}"),
+                                          ConfigError, "cannot take the 3x8x8 images"),
+    "cli-npz-8x8-images-on-the-mnist-model": (
+        lambda t, g, c: partial(main, ["train", "--preset", "demo", "--out", str(t / "o"), "--quiet", *TINY, *NPZ_RUN,
+                                       f"data.path={_npz_8x8(t)}"]), 2, "mnist_cnn"),
+    "analyze-out-is-a-file": (
+        lambda t, g, c: partial(main, ["analyze", "gradient-maps", str(g), "--out", str(_yaml(t, "x"))]), 2,
+        "not a directory"),
+    "analyze-unknown-split": (
+        lambda t, g, c: partial(main, ["analyze", "attention-robustness", str(g), "--splits", "train,tset"]), 2,
+        "unknown split 'tset'"),
+    "bench-zero-repeats": (lambda t, g, c: partial(main, ["bench", "--repeats", "0"]), 2, "--repeats 0"),
+    "bench-zero-batch": (lambda t, g, c: partial(main, ["bench", "--batch", "0"]), 2, "--batch 0"),
+    "bench-unknown-preset": (lambda t, g, c: partial(main, ["bench", "--presets", "mnist-atreg"]), 2,
+                             "unknown preset 'mnist-atreg'"),
+    "bench-out-is-a-file": (lambda t, g, c: partial(main, ["bench", "--out", str(_yaml(t, "x"))]), 2,
+                            "not a directory"),
+    "reproduce-out-is-a-file": (
+        lambda t, g, c: partial(main, ["reproduce", "table1", "--budget", "smoke", "--out", str(_yaml(t, "x"))]), 2,
+        "not a directory"),
+}
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE_2))
+def test_bad_input_catalogue_second_pass(name, good_run, cut_run, tmp_path, monkeypatch, capsys):
+    setup, expected, fragment = CATALOGUE_2[name]
+    _run_case(name, setup, expected, fragment, {"good": good_run, "cut": cut_run}, tmp_path, monkeypatch, capsys)
+
+
+# =========================================================================================================
+# (g) what a user may do to a run directory (docs/run-directory.md): a finished run keeps working
+# without `last`, and without any weights it still counts as finished
+
+
+def test_a_finished_run_without_last_is_finished_everywhere(cfg, good_run, tmp_path, capsys):
+    from robustfeat import reproduce as rp
+    from robustfeat.train import finished_step
+
+    published = _copy_run(tmp_path, good_run, drop=(LAST,), name="published")  # as under results/*/runs/
+    bare = _copy_run(tmp_path, good_run, drop=("checkpoints",), name="bare")  # records only
+    for run in (published, bare):
+        assert finished_step(run, cfg.optim.steps) == 6
+        assert rp.run_state(run, cfg) == ("done", 6)  # never trained again by reproduce
+        assert rp.run_record(run, cfg)["step"] == 6
+    before = _snapshot(tmp_path)
+    msg = _assert_refused("resume", _resume_cli(published), 2, capsys, "finished at step 6")
+    assert "robustfeat eval" in msg
+    assert _snapshot(tmp_path) == before
+    # eval and load_model need only best and config.yaml
+    assert torch.equal(next(load_model(published).parameters()), next(load_model(good_run).parameters()))
+    res = evaluate_run_quick(published)
+    assert res["model"]["checkpoint"].endswith(BEST) and (published / "eval" / "eval.json").is_file()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_model(bare)
+
+
+def evaluate_run_quick(run: Path) -> dict:
+    from robustfeat.eval import evaluate_run
+
+    return evaluate_run(run, n=10, progress=False, batch_size=10)
+
+
+def test_resuming_a_finished_run_writes_nothing(cfg, splits, good_run, tmp_path, capsys):
+    run = _copy_run(tmp_path, good_run)
+    before = _snapshot(run)
+    res = train(cfg, run, splits=splits, progress=False, resume=True)
+    assert res.step == 6 and "already finished" in res.note
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert _snapshot(run) == before
+
+
+def test_an_unfinished_run_with_nothing_to_lose_restarts_from_step_0(cfg, splits, tmp_path):
+    """Killed before its first checkpoint (config.yaml, run.json and metrics of the first steps only):
+    --resume starts at step 0, and the result is the run that never stopped."""
+    run = tmp_path / "r"
+    train(cfg, run, splits=splits, progress=False, stop_after=2)
+    (run / LAST).unlink()  # what a kill before the first checkpoint leaves (plus metrics lines)
+    recs = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**recs, "sessions": []}))
+    assert train(cfg, run, splits=splits, progress=False, resume=True).step == 6
+    assert [json.loads(s)["step"] for s in _metrics_lines(run) if '"train"' in s] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_packaged_preset_file_works_as_config():
+    from importlib import resources
+
+    path = resources.files("robustfeat") / "presets" / "cifar10-at.yaml"
+    assert load_config(path=str(path), budget="cpu") == load_config("cifar10-at", "cpu")
+
+
+# =========================================================================================================
+# (h) interruptions: SIGINT / SIGTERM stop at a step boundary with `last` saved there and the session
+# recorded; a resumed run ends bit-identical to one that never stopped
+
+
+class _Signal(Extension):
+    """Sends ``signum`` to this process ``times`` times at the end of step ``at`` (1-based)."""
+
+    def __init__(self, at: int, signum: int, times: int = 1):
+        self.at, self.signum, self.times = at, signum, times
+
+    def after_update(self, run, batch):
+        if batch.step + 1 == self.at:
+            for _ in range(self.times):
+                signal.raise_signal(self.signum)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    for f in (LAST, BEST):
+        ta, tb = _all_tensors(a / f), _all_tensors(b / f)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+    assert _strip(_metrics_lines(a)) == _strip(_metrics_lines(b))
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_last_where_it_stopped_and_the_run_resumes_exactly(cfg, splits, good_run, tmp_path,
+                                                                         signum, code, capsys):
+    run, handler = tmp_path / "r", signal.getsignal(signum)
+    with pytest.raises(Interrupted) as ei:  # step 2: between the validations (3, 6)
+        train(cfg, run, splits=splits, progress=False, extensions=[_Signal(2, signum)])
+    assert ei.value.exit_code == code and "--resume" in str(ei.value) and "\n" not in str(ei.value)
+    assert read_checkpoint(run / LAST)[1]["step"] == 2
+    (session,) = json.loads((run / "run.json").read_text())["sessions"]
+    assert (session["from_step"], session["to_step"]) == (0, 2) and session["ended"].startswith("interrupted")
+    assert signal.getsignal(signum) is handler  # the handler of before the run is back
+    train(cfg, run, splits=splits, progress=False, resume=True)
+    _assert_same_run(run, good_run)
+    assert [s["ended"] for s in json.loads((run / "run.json").read_text())["sessions"]] == [
+        session["ended"], "finished"]
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(cfg, splits, good_run, tmp_path):
+    run = tmp_path / "r"
+    with pytest.raises(Interrupted, match="second SIGINT.*holds step 3") as ei:
+        train(cfg, run, splits=splits, progress=False, extensions=[_Signal(5, signal.SIGINT, times=2)])
+    assert ei.value.exit_code == 130
+    assert read_checkpoint(run / LAST)[1]["step"] == 3
+    (session,) = json.loads((run / "run.json").read_text())["sessions"]
+    assert session["to_step"] == 3 and session["ended"] == "interrupted (SIGINT)"
+    train(cfg, run, splits=splits, progress=False, resume=True)
+    _assert_same_run(run, good_run)
+
+
+def test_a_signal_during_start_up_leaves_nothing_and_does_not_advise_resume(tmp_path, monkeypatch, capsys):
+    real = train_mod.build_splits
+
+    def interrupted(*a, **k):
+        signal.raise_signal(signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "build_splits", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "demo", "--out", str(tmp_path / "o"), "--quiet", *TINY]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was trained" in err[0] and "--resume" not in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -19,6 +19,7 @@ TINY = [  # as in test_train: trains in seconds on the embedded MNIST sample
     "data.val_size=100",
     "optim.batch_size=20",
     "optim.steps=6",
+    "optim.milestones=[]",  # the demo's milestone (750) lies beyond these runs
     "attack.steps=2",
     "attack.step_size=0.15",
     "attack.eps_warmup_examples=60",

@@ -13,7 +13,7 @@ from robustfeat.cli import main
 from robustfeat.train import train
 
 TINY = [
-    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6",
+    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6", "optim.milestones=[]",
     "attack.steps=2", "attack.step_size=0.15", "attack.eps_warmup_examples=60",
     "eval_attack.steps=2", "eval_attack.step_size=0.15",
     "run.eval_every=3", "run.eval_size=40", "run.log_every=2",
@@ -399,7 +399,7 @@ def test_eps_final_ramps_the_training_attack_over_the_end_of_the_run(splits, tmp
     from robustfeat.config import ConfigError, load_config
     from robustfeat.train import attack_strength
 
-    base = ["optim.steps=10", "attack.eps=0.3", "attack.step_size=0.3", "attack.eps_warmup_examples=0"]
+    base = ["optim.steps=10", "optim.milestones=[]", "attack.eps=0.3", "attack.step_size=0.3", "attack.eps_warmup_examples=0"]
     plain = load_config("demo", overrides=base)
     assert [attack_strength(plain, s) for s in (0, 9)] == [(0.3, 0.3), (0.3, 0.3)]  # off by default
     ramp = load_config("demo", overrides=[*base, "attack.eps_final=0.4", "attack.eps_final_from=0.5"])

@@ -441,23 +441,50 @@ def profile_step(preset: str, device, overrides: list[str], row_limit: int = 20)
 # report
 
 
+_MINIMUM = {"warmup": 0, "repeats": 1, "steps": 1, "batch": 1, "attack_steps": 0, "eval_steps": 1,
+            "data_size": 1, "workers": 0, "matmul_size": 0, "threads": 0}
+"""The least value of each numeric option (None, where allowed, means the preset's)."""
+
+
+def check_args(args) -> tuple[list[str], list[str]]:
+    """(presets, variants) of ``robustfeat bench``'s options, after refusing what would time nothing or
+    report a number of something else: counts below their minimum, unknown presets and variants,
+    overrides the presets refuse, an --out that is a file. Nothing runs before this."""
+    from .config import ConfigError, as_overrides, list_presets, load_config
+
+    for name, lo in _MINIMUM.items():
+        v = getattr(args, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid: expected an integer >= {lo}")
+    presets = [p.strip() for p in str(args.presets).split(",") if p.strip()]
+    variants = [v.strip() for v in str(args.variants).split(",") if v.strip()]
+    if not presets or not variants:
+        raise ConfigError("--presets and --variants each need at least one name")
+    for v in variants:
+        if v not in ALL_VARIANTS:
+            raise ConfigError(f"--variants: unknown variant {v!r}; known: {', '.join(ALL_VARIANTS)}")
+    for p in presets:
+        if p not in list_presets():
+            raise ConfigError(f"--presets: unknown preset {p!r}; known: {', '.join(list_presets())}")
+        load_config(p, overrides=as_overrides(getattr(args, "set", None)))
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out!r} exists and is not a directory")
+    return presets, variants
+
+
 def run_bench(args) -> dict[str, Any]:
     """The whole benchmark; ``args`` has the options of ``robustfeat bench`` as attributes (an
     ``argparse.Namespace`` or any object with them) and ``command_line``, the command recorded."""
     import torch
 
     from .build import resolve_device
-    from .config import ConfigError
     from .train import git_revision, machine_info
 
+    presets, variants = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for v in variants:
-        if v not in ALL_VARIANTS:
-            raise ConfigError(f"--variants: unknown variant {v!r}; known: {', '.join(ALL_VARIANTS)}")
     report: dict[str, Any] = {
         "command": getattr(args, "command_line", None) or "robustfeat bench (from Python)",
         "revision": git_revision(),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attacks import eval_mode
 from .config import Config, ConfigError, ModelConfig, RunConfig
 from .data import Dataset, load_dataset, train_val_split
 from .models import RobustModel, create_model, model_info
@@ -59,12 +60,35 @@ class Splits:
 
 
 def build_splits(cfg: Config, data_dir: str | None = None, download: bool = True) -> Splits:
+    """The dataset of ``cfg`` and its train / validation split; ``data.train_size`` beyond the training
+    images left after the validation split is a ConfigError (it would train on fewer than asked)."""
     d = cfg.data
     ds = load_dataset(d.name, data_dir or d.dir, path=d.path, download=download, coarse=d.coarse_labels)
     (x_tr, y_tr), (x_val, y_val) = train_val_split(ds, d.val_size, seed=0)
     if d.train_size is not None:
+        if d.train_size > len(y_tr):
+            raise ConfigError(
+                f"data.train_size={d.train_size} is more than the {len(y_tr):,} training images of {ds.name} "
+                f"left after the validation split (data.val_size={d.val_size}); lower it, or set "
+                "data.train_size=null to use all of them")
         x_tr, y_tr = x_tr[: d.train_size], y_tr[: d.train_size]
     return Splits(ds, x_tr, y_tr, x_val, y_val)
+
+
+def check_model_fits(model: torch.nn.Module, cfg: ModelConfig, image_shape: tuple[int, ...], what: str) -> None:
+    """ConfigError unless ``model`` (built from ``cfg``) takes (C, H, W) images of ``what`` (the data, in
+    words): one forward pass of one blank image in eval mode, which changes no weight or statistic."""
+    p = next(model.parameters())
+    x = torch.zeros(1, *image_shape, device=p.device)
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    except (ValueError, RuntimeError) as e:
+        c, h, w = image_shape
+        raise ConfigError(
+            f"model.name={cfg.name!r} cannot take the {c}x{h}x{w} images of {what} (it is made for "
+            f"{model_info(cfg.name).inputs}: {' '.join(str(e).split())[:160]}); use images of that size or "
+            "another model (robustfeat.list_models())") from None
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> RobustModel:

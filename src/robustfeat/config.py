@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -87,6 +88,8 @@ OptimName = Literal["sgd", "adam"]
 Schedule = Literal["step", "cyclic"]
 Precision = Literal["fp32", "bf16"]
 
+MAX_SEED = (1 << 64) - 1
+"""The largest seed (``robustfeat.seeding.derived_seed`` reads seeds as 64-bit integers)."""
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 BN_MODES: tuple[str, ...] = get_args(BnMode)
 ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
@@ -397,6 +400,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _int("run.seed", self.seed, 0)
+        if self.seed > MAX_SEED:  # derived_seed reads 64 bits: larger seeds would repeat smaller ones
+            _fail("run.seed", self.seed, f"an integer in [0, 2**64 - 1] (seeds are 64-bit; {self.seed} would give "
+                  f"the run of seed {self.seed & MAX_SEED})")
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)
         ):
@@ -577,14 +583,52 @@ def _load_raw(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         )
     if name in seen:
         raise ConfigError(f"preset {name!r} inherits from itself ({' -> '.join([*seen, name])})")
-    raw = yaml.safe_load(files[name].read_text()) or {}
+    try:
+        raw = safe_load_unique(files[name].read_text()) or {}
+    except ConfigError as e:
+        raise ConfigError(f"preset {name!r}: {e}") from None
+    return _inherit(raw, (*seen, name))
+
+
+def _inherit(raw: dict[str, Any], seen: tuple[str, ...]) -> dict[str, Any]:
+    """``raw`` on top of the preset its ``inherit:`` names (budgets merged too); ``raw`` without one."""
     parent = raw.pop("inherit", None)
-    if parent:
-        base = _load_raw(parent, (*seen, name))
-        budgets = _deep_merge(base.pop("budgets", {}), raw.pop("budgets", {}) or {})
-        raw = _deep_merge(base, raw)
-        raw["budgets"] = budgets
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"inherit={parent!r} is invalid: expected the name of a preset, e.g. inherit: _cifar10")
+    base = _load_raw(parent, seen)
+    budgets = _deep_merge(base.pop("budgets", {}) or {}, raw.pop("budgets", {}) or {})
+    raw = _deep_merge(base, raw)
+    raw["budgets"] = budgets
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML reports it itself
+                    continue
+                if first is not None:
+                    where = f"line {line}" if first == line else f"lines {first} and {line}"
+                    raise ConfigError(f"key {key!r} is given twice ({where}); keep one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys with a ConfigError (the config files' reader)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: nothing is executed
 
 
 def preset_budgets(name: str) -> list[str]:
@@ -661,48 +705,131 @@ def _fractions(d: Any) -> Any:
     return d
 
 
+def _check_load_args(preset: Any, budget: Any, overrides: Any, path: Any) -> list[str]:
+    """The overrides as a list, after refusing arguments of the wrong type or that contradict each other."""
+    if preset is not None and (not isinstance(preset, str) or not preset):
+        raise ConfigError(f"preset={preset!r} is invalid: expected a preset name such as 'mnist-at'")
+    if preset is not None and path is not None:
+        raise ConfigError(f"both preset={preset!r} and a config file {str(path)!r} given: a run has one config; "
+                          "pass one of them (changes go in overrides)")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"path={path!r} is invalid: expected the path of a YAML file")
+    if not isinstance(budget, str):
+        raise ConfigError(f"budget={budget!r} is invalid: expected a budget name such as 'cpu' or 'paper'")
+    return as_overrides(overrides)
+
+
+def as_overrides(overrides: Any) -> list[str]:
+    """``overrides`` as a list of KEY=VALUE strings (None: none); a single string is refused, since it
+    would be read character by character."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"overrides={overrides!r} is a string: expected a list of KEY=VALUE strings, "
+                          f"e.g. [{overrides!r}]")
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides={overrides!r} is invalid: expected a list of KEY=VALUE strings")
+    return list(overrides)
+
+
+def _read_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a config file holds; every problem is a ConfigError naming the file."""
+    where = f"config file {str(path)!r}"
+    try:
+        text = Path(path).read_text()
+        raw = safe_load_unique(text)
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a directory, not a YAML file (a run directory's config is "
+                          "RUN_DIR/config.yaml)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {where}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not a text (UTF-8) file") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:
+        raise ConfigError(f"{where} is empty: expected a mapping of sections, e.g. 'optim: {{lr: 0.01}}' "
+                          "(an empty file is not read as 'all defaults')")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections, got {type(raw).__name__}")
+    try:
+        raw = _inherit(raw, ())
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    packaged = _preset_files().get(Path(path).stem)
+    if "name" not in raw and packaged is not None and packaged.read_text() == text:
+        raw["name"] = Path(path).stem  # a packaged preset's file, given as --config: that preset
+    return raw
+
+
+def check_intent(cfg: Config) -> None:
+    """Refuse settings that are valid one by one but cannot be meant together (a one-line ConfigError).
+
+    Checked for every new run (``load_config`` and ``train``), not for configs read back from a run
+    directory, so that runs of older code stay readable.
+    """
+    o, r, d = cfg.optim, cfg.run, cfg.data
+    late = [m for m in o.milestones if m >= o.steps]
+    if late:
+        raise ConfigError(
+            f"optim.milestones={list(o.milestones)} is invalid with optim.steps={o.steps}: the learning rate would "
+            f"never decay at {late[0]} (not before the last step); set milestones below {o.steps}, or "
+            "optim.milestones=[] for a constant rate")
+    if r.eval_size > d.val_size:
+        raise ConfigError(
+            f"run.eval_size={r.eval_size} is more than the data.val_size={d.val_size} validation images; lower "
+            "run.eval_size, or set run.eval_size=0 to validate on the whole split")
+
+
 def load_config(
     preset: str | None = None,
     budget: str = "paper",
     overrides: list[str] | None = None,
     path: str | Path | None = None,
 ) -> Config:
-    """A preset (or a YAML file), one of its budgets, then command-line overrides, validated."""
+    """A preset (or a YAML file), one of its budgets, then command-line overrides, validated.
+
+    Arguments of the wrong type, a preset together with a file, a file that is empty or gives a key
+    twice, and settings that cannot be meant together (``check_intent``) are refused with a ConfigError.
+    """
+    return _load_config(preset, budget, overrides, path, intent=True)
+
+
+def _load_config(preset: Any, budget: Any, overrides: Any, path: Any, *, intent: bool) -> Config:
+    overrides = _check_load_args(preset, budget, overrides, path)
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(path)!r} is not a text (UTF-8) file") from None
-        except RecursionError:
-            raise ConfigError(f"config file {str(path)!r} is nested too deeply") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        budgets = raw.pop("budgets", {}) or {}
+        raw = _read_yaml_file(path)
     else:
         raw = _load_raw(preset or "mnist-at")
-        budgets = raw.pop("budgets", {}) or {}
         raw.setdefault("name", preset)
+    budgets = raw.pop("budgets", {}) or {}
     if budget != "paper":
-        if budget not in budgets:
+        if not isinstance(budgets, dict) or budget not in budgets:
+            known = sorted(budgets) if isinstance(budgets, dict) else []
             raise ConfigError(
-                f"unknown budget {budget!r} for {preset or path}{suggest(budget, list(budgets))}; "
-                f"known: {', '.join(['paper', *sorted(budgets)])}"
+                f"unknown budget {budget!r} for {preset or path}{suggest(budget, known)}; "
+                f"known: {', '.join(['paper', *known])}"
             )
+        if not isinstance(budgets[budget], dict):
+            raise ConfigError(f"budget {budget!r} of {preset or path} must be a mapping of sections")
         raw = _deep_merge(raw, budgets[budget])
     raw = _fractions(raw)
-    raw = apply_overrides(raw, overrides or [])
-    return config_from_dict(raw)
+    raw = apply_overrides(raw, overrides)
+    cfg = config_from_dict(raw)
+    if intent:
+        check_intent(cfg)
+    return cfg
 
 
 def read_config_file(path: str | Path) -> Config:
-    """The config of a YAML file such as a run's ``config.yaml``; every problem is a ConfigError that
-    names the file."""
+    """The config of a YAML file such as a run's ``config.yaml`` (not checked by ``check_intent``: a saved
+    run's config is what it was trained with); every problem is a ConfigError that names the file."""
     try:
-        return load_config(path=path)
+        return _load_config(None, "paper", None, path, intent=False)
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if str(path) in msg else f"{path}: {msg}") from None

@@ -169,6 +169,14 @@ class Dist:
         flat.div_(self.world)
         return {k: flat[i] for i, k in enumerate(keys)}
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one all-reduce; ``flag`` itself in one process)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        _dist().all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank (identity in one process)."""
         if not self.active:

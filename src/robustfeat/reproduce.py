@@ -41,8 +41,8 @@ from .analysis.pipeline import (
     gradient_classification,
     gradient_maps_of_runs,
 )
-from .checkpoint import atomic_write_text, read_checkpoint
-from .config import ConfigError, load_config, preset_budgets
+from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint
+from .config import ConfigError, as_overrides, load_config, preset_budgets, read_config_file
 from .eval.load import checkpoint_path, file_sha256, load_model
 from .eval.paper import PAPER_CLASSIFIER_TEST_ACC, PAPER_TABLE4, paper_results
 from .eval.report import percent
@@ -50,7 +50,19 @@ from .eval.run import evaluate_run
 from .eval.stats import paired_difference
 from .eval.suite import Row, model_fingerprint
 from .registry import suggest
-from .train import LAST, TrainingError, git_revision, machine_info, same_experiment, train
+from .train import (
+    BEST,
+    LAST,
+    RUN_FILES,
+    TrainingError,
+    finished_step,
+    git_revision,
+    machine_info,
+    recorded_step,
+    same_experiment,
+    train,
+)
+from .train.rundir import check_layout, experiment_differences, first_checkpoint_step, metrics_records
 
 AUTOATTACK_DIR = "eval-autoattack"
 """Where a run's AutoAttack evaluation goes (beside eval/, the paper suite's)."""
@@ -133,8 +145,27 @@ def plan(target: str) -> list[RunSpec]:
     return runs
 
 
+def _check_args(target, budget, overrides, out, runs_dir) -> tuple[Target, list[str], Path, Path]:
+    """(target, overrides, out, runs_dir) of a reproduce call, each checked: a known target, a budget
+    every preset of it defines, overrides as a list, output paths that are not files."""
+    t = _target(target)
+    overrides = as_overrides(overrides)
+    if not isinstance(budget, str):
+        raise ConfigError(f"budget={budget!r} is invalid: expected a budget name such as 'cpu'")
+    for p in t.presets:
+        if budget not in preset_budgets(p):
+            raise ConfigError(f"budget {budget!r} is not defined for preset {p}{suggest(budget, preset_budgets(p))}; "
+                              f"known: {', '.join(preset_budgets(p))}")
+    out = default_out(target, budget) if out is None else Path(out)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    for flag, d in (("--out", out), ("--runs", runs_dir)):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"{flag} {str(d)!r} exists and is not a directory")
+    return t, overrides, out, runs_dir
+
+
 def _target(name: str) -> Target:
-    if name not in TARGETS:
+    if not isinstance(name, str) or name not in TARGETS:
         raise ConfigError(f"unknown target {name!r}{suggest(name, list(TARGETS))}; known: {', '.join(TARGETS)}")
     return TARGETS[name]
 
@@ -159,18 +190,64 @@ def run_config(spec: RunSpec, budget: str, overrides: list[str], data_dir: str |
 
 
 def run_state(run_dir: Path, cfg) -> tuple[str, int]:
-    """('new' | 'partial' | 'done', step of the last checkpoint). A run directory trained with another
-    config is refused (it would mix budgets in one table)."""
-    last = run_dir / LAST
-    if not last.exists():
-        return ("partial" if (run_dir / "config.yaml").exists() else "new"), 0
-    meta = read_checkpoint(last)[1]
-    if not same_experiment(meta["config"], cfg.to_dict()):
+    """('new' | 'partial' | 'done', step reached), decided from the run's own records.
+
+    done: the records say the run trained all its steps (``train.finished_step``), with or without
+    ``last``, so a published run that keeps only ``best`` (or no weights) is never trained again.
+    partial: ``last`` holds an earlier step, or the directory holds nothing a start from step 0 would
+    not write again. Refused with a TrainingError: a run of another config (it would mix budgets in one
+    table) and results without ``last`` (continuing would retrain over them).
+    """
+    check_layout(run_dir)
+    if not any((run_dir / f).exists() for f in RUN_FILES):
+        return "new", 0
+    saved = _saved_config(run_dir)
+    if saved is not None and not same_experiment(saved, cfg.to_dict()):
         raise TrainingError(
-            f"{str(run_dir)!r} holds a run of another config (other budget or overrides?); "
-            "remove it or pass another --runs/--out")
-    step = int(meta["step"])
-    return ("done" if step >= cfg.optim.steps else "partial"), step
+            f"{str(run_dir)!r} holds a run of another config ({experiment_differences(saved, cfg.to_dict())}: "
+            "saved / asked; other budget or overrides?); remove it or pass another --runs/--out")
+    steps = cfg.optim.steps
+    if (run_dir / LAST).is_file():
+        step = int(read_checkpoint(run_dir / LAST)[1]["step"])
+        return ("done" if step >= steps else "partial"), step
+    if finished_step(run_dir, steps) is not None:
+        return "done", steps
+    step = recorded_step(run_dir)
+    if step > first_checkpoint_step(cfg):
+        raise TrainingError(
+            f"{str(run_dir)!r} holds results up to step {step:,} but no {LAST} to continue from; continuing "
+            "would retrain from step 0 over them: remove the directory yourself or pass another --runs/--out")
+    return "partial", 0
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    """The config a run directory records: config.yaml, else its ``last`` checkpoint's (None: neither)."""
+    if (run_dir / "config.yaml").exists():
+        try:
+            return read_config_file(run_dir / "config.yaml").to_dict()
+        except ConfigError as e:
+            raise TrainingError(f"{str(run_dir)!r}: its config.yaml is damaged or invalid ({e})") from None
+    if (run_dir / LAST).is_file():
+        return read_checkpoint(run_dir / LAST)[1]["config"]
+    return None
+
+
+def run_record(run_dir: Path, cfg) -> dict[str, Any]:
+    """step, best_val_pgd and last_val of a trained run: from ``last``, else (a run that keeps only
+    ``best``, or no weights) from ``best`` and metrics.jsonl."""
+    if (run_dir / LAST).is_file():
+        meta = read_checkpoint(run_dir / LAST)[1]
+        return {"step": meta["step"], "best_val_pgd": meta["extra"].get("best_val_pgd"),
+                "last_val": meta["extra"].get("val")}
+    evals = [r for r in metrics_records(run_dir) if r.get("kind") == "eval"]
+    best = None
+    if (run_dir / BEST).is_file():
+        best = read_checkpoint(run_dir / BEST)[1]["extra"].get("best_val_pgd")
+    elif evals:
+        best = max(float(r.get("pgd_acc", -1.0)) for r in evals)
+    last_val = {k: evals[-1][k] for k in ("clean_acc", "pgd_acc") if k in evals[-1]} if evals else None
+    return {"step": finished_step(run_dir, cfg.optim.steps) or recorded_step(run_dir), "best_val_pgd": best,
+            "last_val": last_val}
 
 
 def _sessions(run_dir: Path) -> list[dict] | None:
@@ -228,26 +305,36 @@ def train_runs(specs, budget, runs_dir: Path, overrides, data_dir, progress: boo
 # evaluation
 
 
-def _best_sha(run_dir: Path) -> str:
+def _best_sha(run_dir: Path) -> str | None:
+    """sha256 of the checkpoint a run is evaluated with (None: the run keeps no weights)."""
+    if not ((run_dir / BEST).is_file() or (run_dir / LAST).is_file()):
+        return None
     return file_sha256(checkpoint_path(run_dir, "best"))
 
 
 def evaluate_once(run_dir: Path, source: Path | None, n: int | None, data_dir, progress: bool, quiet: bool,
              suite: str = "paper") -> dict:
     """``suite`` (the paper's) on ``run_dir``'s best checkpoint (black box from ``source``); skipped
-    when eval/eval.json already holds it for the same checkpoints and sample size."""
+    when eval/eval.json already holds it for the same checkpoints and sample size. A finished run
+    published without weights keeps its recorded evaluation (said in the log)."""
     f = run_dir / "eval" / "eval.json"
+    sha, src_sha = _best_sha(run_dir), (_best_sha(source) if source else None)
     if f.exists():
         try:
             old = json.loads(f.read_text())
-            same = (old["model"]["sha256"] == _best_sha(run_dir)
-                    and (old.get("source") or {}).get("sha256") == (_best_sha(source) if source else None)
-                    and old["settings"]["suite"] == suite and _same_sample(old, n))
+            same_setup = old["settings"]["suite"] == suite and _same_sample(old, n)
+            same = same_setup and (sha is None or (old["model"]["sha256"] == sha and (
+                old.get("source") or {}).get("sha256") == src_sha))
         except (OSError, ValueError, KeyError, TypeError):
             same = False
         if same:
-            _log(f"{run_dir.name}: evaluation up to date, skipped", quiet)
+            _log(f"{run_dir.name}: " + ("evaluation up to date, skipped" if sha is not None else
+                                        "weights not kept; its recorded evaluation is used"), quiet)
             return old
+    if sha is None:
+        raise CheckpointError(
+            f"{str(run_dir)!r} keeps no weights ({BEST} is missing) and no eval/eval.json of the {suite} suite "
+            f"on this sample, so it cannot be evaluated; pass another --runs to train it again")
     _log(f"{run_dir.name}: {suite} suite on {'all' if n is None else n} test images"
          + (f", black box from {source.name}" if source else ""), quiet)
     res = evaluate_run(run_dir, suite=suite, source=source, n=n, data_dir=data_dir, progress=progress)
@@ -260,16 +347,22 @@ def autoattack_once(run_dir: Path, cfg, n: int, data_dir, progress: bool, quiet:
     to RUN_DIR/eval-autoattack/ and skipped when that holds it for the same checkpoint and sample."""
     out = run_dir / AUTOATTACK_DIR
     f = out / "eval.json"
+    sha = _best_sha(run_dir)
     if f.exists():
         try:
             old = json.loads(f.read_text())
-            same = (old["model"]["sha256"] == _best_sha(run_dir) and _same_sample(old, n)
-                    and any(r["id"] == "autoattack" for r in old["rows"]))
+            same = (sha is None or old["model"]["sha256"] == sha) and _same_sample(old, n) and any(
+                r["id"] == "autoattack" for r in old["rows"])
         except (OSError, ValueError, KeyError, TypeError):
             same = False
         if same:
-            _log(f"{run_dir.name}: AutoAttack up to date, skipped", quiet)
+            _log(f"{run_dir.name}: " + ("AutoAttack up to date, skipped" if sha is not None else
+                                        "weights not kept; its recorded AutoAttack is used"), quiet)
             return old
+    if sha is None:
+        raise CheckpointError(
+            f"{str(run_dir)!r} keeps no weights ({BEST} is missing) and no {AUTOATTACK_DIR}/eval.json on this "
+            "sample, so AutoAttack cannot run; pass another --runs to train it again")
     a = cfg.eval_attack
     rows = [Row("natural"), Row("whitebox", a.loss, a.steps, a.eps, a.step_size, a.restarts),
             Row("autoattack", eps=a.eps)]
@@ -358,17 +451,11 @@ def reproduce(
     """Train, evaluate and analyse everything ``target`` needs under ``budget``; write DIR/README.md
     and DIR/reproduce.json; returns the summary. Finished work is skipped, interrupted runs resumed."""
     t0 = time.time()
-    t = _target(target)
-    overrides = list(overrides or [])
-    for p in t.presets:
-        if budget not in preset_budgets(p):
-            raise ConfigError(f"budget {budget!r} is not defined for preset {p}; known: {', '.join(preset_budgets(p))}")
-    out = default_out(target, budget) if out is None else Path(out)
-    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
-    out.mkdir(parents=True, exist_ok=True)
+    t, overrides, out, runs_dir = _check_args(target, budget, overrides, out, runs_dir)
     specs = plan(target)
-    for s in specs:  # validate every config before any training
-        run_config(s, budget, overrides, data_dir)
+    for s in specs:  # every config and every run directory before any training (and before any write)
+        run_state(runs_dir / s.name, run_config(s, budget, overrides, data_dir))
+    out.mkdir(parents=True, exist_ok=True)
     _log(f"{target} ({t.title}), budget {budget}: {len(specs)} runs in {runs_dir}", quiet)
     runs = train_runs(specs, budget, runs_dir, overrides, data_dir, progress, quiet)
 
@@ -435,16 +522,16 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
     run_rows = []
     for name, r in runs.items():
         d = Path(r["dir"])
-        meta = read_checkpoint(d / LAST)[1]
         cfg = r["cfg"]
+        rec = run_record(d, cfg)
         run_rows.append({
             "name": name, "preset": r["preset"], "seed": r["seed"], "role": r["role"],
-            "dir": os.path.relpath(d, out), "path": str(d), "step": meta["step"], "steps": cfg.optim.steps,
+            "dir": os.path.relpath(d, out), "path": str(d), "step": rec["step"], "steps": cfg.optim.steps,
             "examples": cfg.optim.steps * cfg.optim.batch_size,
-            "best_val_pgd": meta["extra"].get("best_val_pgd"), "last_val": meta["extra"].get("val"),
+            "best_val_pgd": rec["best_val_pgd"], "last_val": rec["last_val"],
             "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
             "revisions": train_revisions(d),
-            "weights_fingerprint": model_fingerprint(load_model(d)),
+            "weights_fingerprint": model_fingerprint(load_model(d)) if _best_sha(d) else None,
         })
     results = {}
     for preset, ev in evals.items():
@@ -524,6 +611,10 @@ def _signed(v: float | None) -> str:
     return "-" if v is None else f"{v:+.2f}"
 
 
+def _short(fingerprint: str | None) -> str:
+    return "not kept" if fingerprint is None else f"`{fingerprint[:16]}`"
+
+
 def _hms(s: float) -> str:
     if math.isnan(s):
         return "?"
@@ -565,7 +656,7 @@ def render_readme(s: dict) -> str:
         revs = ", ".join(f"`{x[:10]}{'-dirty' if x.endswith('-dirty') else ''}`" for x in r.get("revisions", []))
         L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
                  f"{'-' if bv is None or bv < 0 else f'{100 * bv:.1f}%'} | {_hms(r['wall_seconds'])} | "
-                 f"{revs or '?'} | `{r['weights_fingerprint'][:16]}` | `{r['dir']}` |")
+                 f"{revs or '?'} | {_short(r['weights_fingerprint'])} | `{r['dir']}` |")
     L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
           "the `best` checkpoint is chosen by it and evaluated. *weights*: the start of the sha256 of the "
           "`best` weights' tensors (names, shapes, values; `model_fingerprint` in eval.json), which a rerun of "
@@ -864,13 +955,13 @@ def default_out(target: str, budget: str) -> Path:
 def dry_run(target: str, budget: str, out: str | os.PathLike | None = None, *,
             runs_dir: str | os.PathLike | None = None, overrides: list[str] | None = None,
             data_dir: str | None = None) -> list[str]:
-    """One line per run the target needs: name, role, state (new / partial / done) and steps."""
-    out = default_out(target, budget) if out is None else Path(out)
-    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
+    """One line per run the target needs: name, role, state (new / partial / done) and steps; a run
+    directory that ``reproduce`` would refuse is refused here too (one line)."""
+    _, overrides, out, runs_dir = _check_args(target, budget, overrides, out, runs_dir)
     lines = []
     for spec in plan(target):
-        cfg = run_config(spec, budget, list(overrides or []), data_dir)
-        state, step = run_state(runs_dir / spec.name, cfg)
+        cfg = run_config(spec, budget, overrides, data_dir)
+        state, step = run_state(runs_dir / spec.name, cfg)  # a run reproduce would refuse: refused here
         lines.append(f"{spec.name:<34} {spec.role:<17} {state:<8} step {step:,}/{cfg.optim.steps:,} "
                      f"({cfg.optim.steps * cfg.optim.batch_size:,} examples)")
     return lines

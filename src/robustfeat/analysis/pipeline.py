@@ -65,13 +65,15 @@ class LoadedRun:
 
 
 def _check_sizes(n: int | None, batch_size: int) -> None:
-    if n is not None and n < 1:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise AnalysisError(f"--n must be at least 1, got {n}")
-    if batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AnalysisError(f"--batch-size must be at least 1, got {batch_size}")
 
 
 def _load(run_dirs, which: str, device) -> tuple[list[LoadedRun], torch.device]:
+    if isinstance(run_dirs, (str, bytes)) or not run_dirs:  # a string would be read letter by letter
+        raise AnalysisError(f"run_dirs={run_dirs!r}: expected a list of run directories")
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     return [LoadedRun(str(d), *load_run(d, which, dev)) for d in run_dirs], dev
 
@@ -82,9 +84,11 @@ def _same_data(runs: list[LoadedRun]) -> None:
                             + ", ".join(f"{r.run_dir}: {r.cfg.data.name}" for r in runs) + ")")
 
 
-def _split(splits, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(splits, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     if name not in SPLIT_TITLES:
         raise AnalysisError(f"unknown split {name!r}; use train, val or test")
+    if splits is None:
+        return None
     return getattr(splits, f"x_{name}"), getattr(splits, f"y_{name}")
 
 
@@ -132,6 +136,10 @@ def attention_robustness(
     images each, a fixed seeded subset; None: all), for the run and for an untrained model of its
     architecture, with the run's training attack in eval mode (``analysis_attack``)."""
     _check_sizes(n, batch_size)
+    if isinstance(splits, str) or not splits:
+        raise AnalysisError(f"splits={splits!r}: expected a list of split names (train, val, test)")
+    for name in splits:
+        _split(None, name)  # the names, before anything is loaded
     run, dev = _attention_run(run_dir, which, device, "attention-robustness")
     data = build_splits(run.cfg, data_dir)
     res = AttentionRobustness(run, analysis_attack(run.cfg.attack))

@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from .. import __version__
+from ..train import Interrupted
 from . import analyze, bench, eval, reproduce, train
 from .common import USER_ERRORS, CLIError, one_line
 
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. the disk filled up mid-run: one line, the run stays resumable
         print(f"robustfeat {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"robustfeat {args.command}: interrupted; a training run continues with --resume RUN_DIR",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # training's Interrupted says what was kept; anything else saved nothing
+        what = one_line(e) if isinstance(e, Interrupted) else "interrupted"
+        print(f"robustfeat {args.command}: {what}", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from ..analysis import pipeline
+from .common import CLIError
 
 
 def _common(s: argparse.ArgumentParser, n_help: str, n_default: int | None) -> None:
@@ -65,13 +66,18 @@ def _options(args) -> dict:
             "batch_size": args.batch_size}
 
 
-def _out_dir(run_dir: str, args) -> Path:
+def _out_dir(run_dir: str, args, create: bool = True) -> Path:
+    """RUN_DIR/analysis or --out; refused (before any work, ``create=False``) when it is a file."""
     out = Path(args.out) if args.out else Path(run_dir) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output {str(out)!r} exists and is not a directory; pass --out DIR")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def cmd_attention_robustness(args) -> int:
+    _out_dir(args.run_dir, args, create=False)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     res = pipeline.attention_robustness(args.run_dir, splits=splits, n=args.n, progress=not args.quiet,
                                         **_options(args))
@@ -82,6 +88,7 @@ def cmd_attention_robustness(args) -> int:
 
 
 def cmd_attention_maps(args) -> int:
+    _out_dir(args.run_dir, args, create=False)
     m = pipeline.attention_maps_of_run(args.run_dir, n=args.n, **_options(args))
     cfg, meta = m.run.cfg, m.run.meta
     png = m.plot(_out_dir(args.run_dir, args) / "attention_maps.png",
@@ -92,6 +99,7 @@ def cmd_attention_maps(args) -> int:
 
 
 def cmd_gradient_maps(args) -> int:
+    _out_dir(args.run_dirs[0], args, create=False)
     g = pipeline.gradient_maps_of_runs(args.run_dirs, n=args.n, clip=not args.no_clip, **_options(args))
     labels = [f"{pipeline.model_label(r.cfg)}\n(step {r.meta['step']:,})" for r in g.runs]
     name = "gradient_maps_raw.png" if args.no_clip else "gradient_maps.png"
@@ -101,6 +109,7 @@ def cmd_gradient_maps(args) -> int:
 
 
 def cmd_gradient_classification(args) -> int:
+    _out_dir(args.run_dirs[0], args, create=False)
     res = pipeline.gradient_classification(args.classifier, args.run_dirs, n=args.n, progress=not args.quiet,
                                            **_options(args))
     out = _out_dir(args.run_dirs[0], args)

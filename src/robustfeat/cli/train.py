@@ -72,6 +72,11 @@ def _resume_config(args: argparse.Namespace, overrides: list[str]):
     """(config saved in the run directory, the run directory) for --resume; refuses anything else given."""
     out = Path(args.resume)
     cfg_file = out / "config.yaml"
+    if not out.exists():
+        raise CLIError(f"--resume {str(out)!r}: no such run directory")
+    if not out.is_dir():
+        raise CLIError(f"--resume {str(out)!r} is a file; expected a run directory (with config.yaml and "
+                       "checkpoints/last.safetensors)")
     if not cfg_file.exists():
         raise CLIError(f"--resume {str(out)!r}: no config.yaml there; is it a robustfeat run directory?")
     if args.preset or args.config or overrides or args.budget != "paper":
@@ -92,6 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.preset and not args.config:
             raise CLIError("train needs --preset NAME (see 'robustfeat presets'), --config FILE or --resume DIR")
+        if args.preset and args.config:
+            raise CLIError(f"--preset {args.preset} and --config {args.config} both given: a run has one config; "
+                           "pass one of them (a config file may say 'inherit: PRESET')")
         cfg = load_config(args.preset, args.budget, overrides, path=args.config)
         out = Path(args.out) if args.out else _default_out(cfg.name, args.budget, cfg.run.seed)
     if args.data_dir:
@@ -103,6 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = train(cfg, out, resume=bool(args.resume), progress=not args.quiet, command=sys.argv)
     val = res.last_val
     if not main_rank:
+        return 0
+    if res.note:
+        print(f"{out}: {res.note}")
         return 0
     print(
         f"done: step {res.step:,} in {res.seconds:.0f}s; validation clean {val.get('clean_acc', float('nan')):.2%}, "

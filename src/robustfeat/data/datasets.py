@@ -407,6 +407,14 @@ def _read_npz(src, *, name: str, label: str) -> Dataset:
         raise DataError(f"{label}: x_train is empty")
     top = max(int(y.max()) for y in ys.values() if y.size)
     if names is None:
+        # without class names the labels say how many classes there are: a test label no training
+        # image has would add classes (one label 1000 among 0-9: a 1001-class model)
+        train_top = int(ys["y_train"].max())
+        if ys["y_test"].size and int(ys["y_test"].max()) > train_top:
+            raise DataError(
+                f"{label}: y_test has label {int(ys['y_test'].max())}, but the training labels are 0-{train_top}; "
+                "fix the labels, or save class_names=[...] with the file if the training set lacks some classes"
+            )
         names = [str(i) for i in range(top + 1)]
     elif top >= len(names):
         raise DataError(f"{label}: label {top} out of range for {len(names)} class names")

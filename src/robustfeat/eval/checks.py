@@ -1,13 +1,116 @@
-"""The validity checks of an evaluation: signs of gradient masking in a result's rows, and whether a
-black-box source is independent of the evaluated model.
+"""The checks of an evaluation: of what it is given, before anything runs or is written (settings,
+images, labels), and of its result (signs of gradient masking, whether a black-box source is
+independent of the evaluated model).
 
-Each check is a dict {"name", "status": "pass" | "flagged" | "skipped", "detail"}; a result whose
-checks flag anything is reported with ``masking_suspected`` and a warning verdict.
+Input checks raise a one-line ConfigError (settings) or DataError (images, labels), so that no number
+is ever computed from what cannot be meant: a negative batch size (no batch at all: 0% on every
+row), labels the model has no class for (0%), images in [0, 255] (which an attack's validity check
+would blame on the attack). Result checks are dicts {"name", "status": "pass" | "flagged" |
+"skipped", "detail"}; a result whose checks flag anything is reported with ``masking_suspected`` and
+a warning verdict.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks import eval_mode
+from ..config import MAX_SEED, ConfigError
+from ..data import DataError, to_float_images
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_settings(*, eps: Any, step_size: Any, restarts: Any = 1, batch_size: Any = None, seed: Any = 0,
+                   n: Any = None) -> None:
+    """ConfigError for an evaluation setting that cannot be meant, named as the Python argument and the
+    command-line flag."""
+    for name, v in (("eps", eps), ("step_size", step_size)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise ConfigError(f"{_flag(name, v)} is invalid: expected a number in [0, 1] pixel units "
+                              "(e.g. 8/255 = 0.0314)")
+    if step_size is not None and step_size <= 0:
+        raise ConfigError(f"{_flag('step_size', step_size)} is invalid: expected a positive step, e.g. 2/255")
+    for name, v in (("restarts", restarts), ("batch_size", batch_size), ("n", n)):
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ConfigError(f"{_flag(name, v)} is invalid: expected an integer >= 1")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{_flag('seed', seed)} is invalid: expected an integer in [0, 2**64 - 1]")
+
+
+def _flag(name: str, v: Any) -> str:
+    return f"{name}={v!r} (--{name.replace('_', '-')})"
+
+
+def _range(x: torch.Tensor) -> tuple[float, float]:
+    return float(x.min()), float(x.max())
+
+
+def check_images(x: Any, y: Any) -> None:
+    """DataError unless ``x`` is (N, C, H, W) uint8 or finite float in [0, 1] and ``y`` (N,) integer labels."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise DataError(f"x has shape {tuple(getattr(x, 'shape', ()))}: expected a tensor of images (N, C, H, W)")
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise DataError(f"y must be a 1-D tensor of integer labels, got {getattr(y, 'dtype', type(y).__name__)} "
+                        f"of shape {tuple(getattr(y, 'shape', ()))}")
+    if len(x) != len(y):
+        raise DataError(f"x holds {len(x)} images but y {len(y)} labels")
+    if len(y) == 0:
+        raise DataError("nothing to evaluate: 0 examples")
+    if x.dtype == torch.uint8:
+        return
+    if not x.dtype.is_floating_point:
+        raise DataError(f"x has dtype {x.dtype}: expected float images in [0, 1] or uint8 0-255")
+    if not torch.isfinite(x).all():
+        raise DataError("x holds non-finite values (nan or inf)")
+    lo, hi = _range(x)
+    if lo < 0 or hi > 1:
+        hint = "; divide by 255" if hi > 1.5 else ""
+        raise DataError(f"x holds values from {lo:g} to {hi:g}: expected float images in [0, 1] (or uint8 "
+                        f"0-255){hint}")
+
+
+def model_classes(model: nn.Module, x: torch.Tensor, device: torch.device, channels_last: bool,
+                  what: str = "the model") -> int:
+    """The number of classes ``model`` gives for images like ``x`` (one forward pass of one image),
+    with a DataError when it cannot take them."""
+    xb = to_float_images(x[:1], device, channels_last)
+    try:
+        with eval_mode(model), torch.no_grad():
+            logits = model(xb)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"{what} cannot take images of shape {tuple(x.shape[1:])} (C, H, W): "
+                        f"{' '.join(str(e).split())[:200]}") from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise DataError(f"{what} returns {tuple(getattr(logits, 'shape', ()))} for one image; expected logits "
+                        "(1, classes)")
+    return int(logits.shape[1])
+
+
+def check_labels(y: torch.Tensor, classes: int) -> None:
+    """DataError for a label the model has no class for (it would count as wrong, whatever the model does)."""
+    lo, hi = _range(y)
+    if lo < 0 or hi >= classes:
+        bad = int(lo) if lo < 0 else int(hi)
+        raise DataError(f"y holds label {bad}, but the model gives {classes} classes (0-{classes - 1}): the "
+                        "labels do not belong to this model's data")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# results
+
 
 LARGE_EPS_MAX_ACC = 0.05
 """The large-eps PGD row must bring accuracy to at most this, else gradient masking is suspected."""

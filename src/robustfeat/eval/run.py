@@ -22,8 +22,9 @@ from safetensors.torch import save as save_tensors
 from ..build import build_splits, resolve_device
 from ..checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text
 from ..config import AttackConfig, ConfigError, load_config
+from ..data import DataError
 from ..seeding import derived_seed
-from .checks import independent_source_check, masking_suspected
+from .checks import check_settings, independent_source_check, masking_suspected
 from .load import load_run, run_identity
 from .paper import paper_results
 from .report import render_csv, render_markdown
@@ -75,6 +76,11 @@ def evaluate_run(
     """
     if rows is None and suite is not None and suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    # settings first: nothing is loaded, computed or written for what cannot be meant
+    check_settings(eps=eps, step_size=step_size, restarts=restarts, batch_size=batch_size, seed=seed, n=n)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {str(out)!r} exists and is not a directory; pass --out DIR")
     try:
         dev = resolve_device(device)
     except ValueError as e:
@@ -92,11 +98,12 @@ def evaluate_run(
                  else cfg.eval_attack.step_size)
 
     splits = build_splits(cfg, data_dir)
+    _check_data(splits.dataset, meta, cfg)
+    asked = n
     if n is None and suite == "quick" and rows is None:
         n = QUICK_N
     idx = subset_indices(len(splits.y_test), n, seed)
     x, y = (splits.x_test, splits.y_test) if idx is None else (splits.x_test[idx], splits.y_test[idx])
-    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     t0 = time.time()
     res = evaluate_model(
         model, x, y, eps=eps, step_size=step_size, suite=suite, rows=rows, source=src_model,
@@ -108,6 +115,8 @@ def evaluate_run(
     res["model"] = ident
     res["source"] = src_ident
     res["subset"] = "full test set" if idx is None else f"seeded subset (seed {seed}) of {len(splits.y_test):,}"
+    if idx is None and asked is not None and asked > len(splits.y_test):  # said, since it was not asked for
+        res["subset"] += f" (--n {asked:,} is more than its {len(splits.y_test):,} images)"
     res["indices"] = None if idx is None else idx.tolist()
     res["paper"] = _paper_column(cfg, eps, step_size)
     if src_ident is not None:
@@ -118,6 +127,18 @@ def evaluate_run(
     res.pop("per_example")
     res["outputs"] = str(out)
     return res
+
+
+def _check_data(ds, meta: dict[str, Any], cfg) -> None:
+    """The test data must be what the model was trained for (the data of a run can change under it,
+    e.g. an .npz file rewritten): as many classes, as many channels."""
+    extra = meta["extra"]
+    if ds.num_classes != extra["num_classes"] or ds.image_shape[0] != extra["in_channels"]:
+        raise DataError(
+            f"the test data of data.name={cfg.data.name!r}{f' ({cfg.data.path})' if cfg.data.path else ''} has "
+            f"{ds.num_classes} classes of {ds.image_shape[0]}-channel images, but the model was trained on "
+            f"{extra['num_classes']} classes of {extra['in_channels']}-channel images; pass the data it was "
+            "trained on (--data-dir)")
 
 
 def _load_source(source, which: str, dev, cfg, meta, ident: dict):

@@ -33,12 +33,20 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from ..attacks import check_adversary, eval_mode, pgd_budgets
+from ..build import resolve_device
 from ..checkpoint import atomic_write_bytes
 from ..config import AttackConfig, ConfigError
-from ..data import batch_starts, to_float_images
+from ..data import DataError, batch_starts, to_float_images
 from ..seeding import derived_seed
 from .autoattack import run_autoattack
-from .checks import masking_checks, masking_suspected
+from .checks import (
+    check_images,
+    check_labels,
+    check_settings,
+    masking_checks,
+    masking_suspected,
+    model_classes,
+)
 from .stats import wilson_interval
 
 SUITES = ("quick", "paper", "full")
@@ -181,9 +189,17 @@ def evaluate_model(
     set resumes at the first unfinished batch (results are identical: each batch's attack noise is a
     function of (seed, row group, batch start)).
     Returns {"settings", "n", "rows": [...], "checks": [...], "masking_suspected", "per_example"}.
-    Raises ``InvalidAdversary`` if any adversarial batch leaves the threat model.
+    Settings, images and labels are checked before anything runs (``robustfeat.eval.checks``: a
+    ConfigError or DataError naming the value). Raises ``InvalidAdversary`` if any adversarial batch
+    leaves the threat model.
     """
-    device = torch.device(device)
+    check_settings(eps=eps, step_size=step_size, restarts=restarts, batch_size=batch_size, seed=seed)
+    check_images(x, y)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    classes = model_classes(model, x, device, channels_last)
+    check_labels(y, classes)
+    if source is not None and model_classes(source, x, device, channels_last, "the black-box source") != classes:
+        raise DataError("the black-box source gives another number of classes than the evaluated model")
     custom = rows is not None
     if rows is None:
         rows = suite_rows(suite, eps=eps, step_size=step_size, black_box=source is not None,
@@ -192,8 +208,6 @@ def evaluate_model(
     if any(r.kind == "blackbox" for r in rows) and source is None:
         raise ConfigError("black-box rows need a source model (--source RUN_DIR)")
     n = len(y)
-    if n == 0:
-        raise ConfigError("nothing to evaluate: 0 examples")
     batch_size = batch_size or default_batch_size(device)
     y = y.to(torch.long)
 

@@ -12,6 +12,7 @@ dead-start guards, your own regularizers and guards) is an extension: see ``exte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -22,9 +23,9 @@ import torch
 
 from .. import distributed
 from ..attacks import accuracy, attack_from_config, start_noise
-from ..build import Splits, build_model, build_splits, resolve_device, training_autocast
+from ..build import Splits, build_model, build_splits, check_model_fits, resolve_device, training_autocast
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, check_intent
 from ..data import DeviceLoader
 from ..methods import METHODS, method_loss
 from ..progress import progress_bar
@@ -32,14 +33,18 @@ from ..seeding import derived_seed
 from . import extensions as ext_mod
 from .errors import TrainingError
 from .extensions import Batch, Extension, Run, Verdict, watches_validation
+from .interrupt import Interrupted, StopSignals, signal_name
 from .rundir import (
     BEST,
     LAST,
     MetricsLog,
     RunJson,
+    check_new_run_dir,
+    check_splits,
+    experiment_differences,
     prepare_run_dir,
+    resume_plan,
     same_experiment,
-    saved_config,
     tensorboard_writer,
 )
 from .schedule import attack_strength, learning_rate, make_optimizer
@@ -56,6 +61,8 @@ class TrainResult:
     best_val_pgd: float
     last_val: dict[str, float]
     seconds: float
+    note: str = ""
+    """Set when nothing was trained: why (e.g. the resumed run had already finished)."""
 
 
 def train(
@@ -72,74 +79,135 @@ def train(
 ) -> TrainResult:
     """Train ``cfg`` into ``out_dir``. ``stop_after`` ends the process's work at that step (for tests
     of interruption); the run stays resumable. ``extensions`` run after the config's own (see
-    ``robustfeat.train.extensions``)."""
+    ``robustfeat.train.extensions``).
+
+    Everything is checked before anything is written (``start``). SIGINT and SIGTERM stop the run at
+    the end of the step in progress with ``last`` saved there and the session recorded in run.json,
+    then raise ``Interrupted`` (a KeyboardInterrupt); see ``robustfeat.train.interrupt``.
+    """
     t_start = time.time()
-    run, run_json = start(cfg, Path(out_dir), resume=resume, data_dir=data_dir, progress=progress,
-                          splits=splits, command=command, extensions=extensions, t_start=t_start)
-    model, optimizer, state, dctx, device = run.model, run.optimizer, run.state, run.dctx, run.device
-    spec, lam, exts = METHODS.get(cfg.method.name), cfg.lam, run.extensions
+    out = _out_path(out_dir)
+    with StopSignals() as stop:
+        try:
+            run, run_json = start(cfg, out, resume=resume, data_dir=data_dir, progress=progress, splits=splits,
+                                  command=command, extensions=extensions, t_start=t_start)
+        except Interrupted as e:
+            again = " (continue it with --resume)" if (out / LAST).is_file() else ""
+            raise Interrupted(f"{e} during start-up, before the first step of this session: nothing was "
+                              f"trained{again}", e.signum) from None
+        if run_json is None:  # a resumed run that had already finished: nothing to do, nothing written
+            state = run.state
+            return TrainResult(out, state.step, state.best, run.last_val, 0.0,
+                               note=f"the run had already finished at step {state.step:,}; nothing to do")
+        stop.defer()
+        return _run_loop(run, run_json, stop, stop_after, t_start)
+
+
+def _out_path(out_dir) -> Path:
+    if isinstance(out_dir, bool) or not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise ConfigError(f"out_dir={out_dir!r} is invalid: expected the path of a run directory")
+    return Path(out_dir)
+
+
+def _run_loop(run: Run, run_json: RunJson, stop: StopSignals, stop_after: int | None,
+              t_start: float) -> TrainResult:
+    """The steps of this session; the session's record in run.json however it ends."""
+    cfg, state, dctx = run.cfg, run.state, run.dctx
     start_step, total = state.step, cfg.optim.steps
     end = total if stop_after is None else min(total, stop_after)
-    gen = torch.Generator(device=device)
+    run.saved_step = start_step  # the step ``last`` holds
     tb = tensorboard_writer(run.out_dir) if cfg.run.tensorboard and dctx.main else None
-    bar = progress_bar(total=total, initial=start_step, disable=not (progress and dctx.main), unit="step",
-               dynamic_ncols=True, desc=f"train {cfg.name}")
+    bar = progress_bar(total=total, initial=start_step, disable=not (run.progress and dctx.main), unit="step",
+                       dynamic_ncols=True, desc=f"train {cfg.name}")
     meter = Meter(run, tb, bar)
     try:
-        for step in range(start_step, end):
-            # batch: this step's images (a pure function of seed and step), learning rate and eps
-            model.train()
-            lr = set_learning_rate(optimizer, learning_rate(cfg, step) * state.lr_scale)
-            x, y = run.loader.batch(step)
-            batch = Batch(step, x.shape, *attack_strength(cfg, step, exts), gen)
-            # adversary: the training attack on this process's rows, from the extensions' starts if any
-            make_adversary(run, batch, x, y, spec.adversarial)
-            # loss: the method's (eq. 7) plus the extensions' terms
-            model.train()
-            with training_autocast(cfg.run, device):
-                loss, parts = total_loss(run, batch, lam)
-            # update: gradients (and the loss) averaged over processes; a non-finite loss stops the run
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if not torch.isfinite(dctx.average_gradients(model.parameters(), loss)):
-                raise TrainingError(
-                    f"non-finite loss at step {step}: {_to_float(parts)}; the last good checkpoint is "
-                    f"{str(run.out_dir / LAST)!r} (lower optim.lr or check the data)"
-                )
-            optimizer.step()
-            for ext in exts:
-                ext.after_update(run, batch)
-            # log: means of the loss parts every run.log_every steps
-            done = step + 1
-            meter.add(parts)
-            if done % cfg.run.log_every == 0 or done == total:
-                meter.write(done, lr, batch.eps)
-            bar.update(1)
-            # validate and checkpoint: the extensions' guards may roll back, restart or stop the run
-            if done % cfg.run.eval_every == 0 or done == total:
-                verdict = validate(run, done, tb)
-                save(run, done, run.last_val if verdict is None else verdict.val)
-                if ends_run(verdict):
-                    end = done
-                    break
-            elif cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
-                save(run, done, None)
-    except BaseException:
+        end = _steps(run, meter, tb, start_step, end, stop)
+    except BaseException as e:
         dctx.close()
+        _record_failure(run, run_json, start_step, t_start, e)
+        if isinstance(e, Interrupted):  # a second signal: stopped within a step
+            kept = (f"{str(run.out_dir / LAST)!r} holds step {run.saved_step:,}; continue with robustfeat train "
+                    f"--resume {run.out_dir}") if run.saved_step else "no checkpoint was written yet"
+            raise Interrupted(f"stopped at once by a second {signal_name(e.signum)}: the steps after the last "
+                              f"checkpoint are lost; {kept}", e.signum) from None
         raise
     finally:
         bar.close()
         run.log.close()
         if tb is not None:
             tb.close()
-    if stop_after is not None and end < total and end % cfg.run.eval_every != 0:
+    if run.saved_step != end:  # stopped between checkpoints (stop_after, a signal): save where it stopped
         save(run, end, None)
     seconds = time.time() - t_start
-    run_json.finish(start_step, end, seconds)
+    ended = ("finished" if end == total else
+             f"interrupted ({signal_name(stop.signum)})" if stop.requested else "stopped")
+    run_json.finish(start_step, end, seconds, ended)
     best, last_val = dctx.broadcast_object((state.best, run.last_val))  # [distributed] rank 0's results
     dctx.barrier()
     dctx.close()
+    if stop.requested and end < total:
+        raise Interrupted(f"stopped by {signal_name(stop.signum)} after step {end:,} of {total:,}: "
+                          f"{str(run.out_dir / LAST)!r} holds it; continue with robustfeat train --resume "
+                          f"{run.out_dir}", stop.signum)
     return TrainResult(run.out_dir, end, best, last_val, seconds)
+
+
+def _steps(run: Run, meter: Meter, tb, start_step: int, end: int, stop: StopSignals) -> int:
+    """Train from ``start_step`` up to ``end``; the step actually reached (earlier when a guard ends
+    the run or a signal asks to stop, at the end of the step in progress)."""
+    cfg, state, dctx = run.cfg, run.state, run.dctx
+    spec, lam, exts, device = METHODS.get(cfg.method.name), cfg.lam, run.extensions, run.device
+    optimizer, model, total = run.optimizer, run.model, cfg.optim.steps
+    gen = torch.Generator(device=device)
+    for step in range(start_step, end):
+        # batch: this step's images (a pure function of seed and step), learning rate and eps
+        model.train()
+        lr = set_learning_rate(optimizer, learning_rate(cfg, step) * state.lr_scale)
+        x, y = run.loader.batch(step)
+        batch = Batch(step, x.shape, *attack_strength(cfg, step, exts), gen)
+        # adversary: the training attack on this process's rows, from the extensions' starts if any
+        make_adversary(run, batch, x, y, spec.adversarial)
+        # loss: the method's (eq. 7) plus the extensions' terms
+        model.train()
+        with training_autocast(cfg.run, device):
+            loss, parts = total_loss(run, batch, lam)
+        # update: gradients (and the loss) averaged over processes; a non-finite loss stops the run
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(dctx.average_gradients(model.parameters(), loss)):
+            raise TrainingError(
+                f"non-finite loss at step {step}: {_to_float(parts)}; the last good checkpoint is "
+                f"{str(run.out_dir / LAST)!r} (lower optim.lr or check the data)"
+            )
+        optimizer.step()
+        for ext in exts:
+            ext.after_update(run, batch)
+        # log: means of the loss parts every run.log_every steps
+        done = step + 1
+        meter.add(parts)
+        if done % cfg.run.log_every == 0 or done == total:
+            meter.write(done, lr, batch.eps)
+        meter.bar.update(1)
+        # validate and checkpoint: the extensions' guards may roll back, restart or stop the run
+        if done % cfg.run.eval_every == 0 or done == total:
+            verdict = validate(run, done, tb)
+            save(run, done, run.last_val if verdict is None else verdict.val)
+            if ends_run(verdict):
+                return done
+        elif cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0:
+            save(run, done, None)
+        if dctx.any(stop.requested):  # [distributed] every rank stops after the same step
+            return done
+    return end
+
+
+def _record_failure(run: Run, run_json: RunJson, start_step: int, t_start: float, e: BaseException) -> None:
+    """Record a session that ended with an error or a second signal in run.json (its time counts): it
+    kept what ``last`` holds. Never masks the error itself."""
+    ended = (f"interrupted ({signal_name(e.signum)})" if isinstance(e, Interrupted)
+             else "interrupted" if isinstance(e, KeyboardInterrupt) else f"error ({type(e).__name__})")
+    with contextlib.suppress(Exception):  # e.g. the full disk that failed the run: its own error matters
+        run_json.finish(start_step, run.saved_step, time.time() - t_start, ended)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,6 +302,7 @@ def save(run: Run, step: int, val: dict[str, float] | None) -> None:
     other ranks wait for it."""
     if not run.dctx.main:
         run.dctx.barrier()
+        run.saved_step = step
         return
     cfg, state, model, evaluated = run.cfg, run.state, run.model, run.evaluated
     improved = state.record(step, val)
@@ -255,6 +324,7 @@ def save(run: Run, step: int, val: dict[str, float] | None) -> None:
     tensors = {k: t for e in run.extensions for k, t in e.checkpoint_tensors().items()}
     save_checkpoint(run.out_dir / LAST, evaluated, run.optimizer, step=step, config=cfg.to_dict(), extra=extra,
                     train_model=train_model, state=tensors or None)
+    run.saved_step = step
     run.dctx.barrier()
 
 
@@ -296,19 +366,34 @@ def _to_float(d: dict[str, torch.Tensor]) -> dict[str, float]:
 # set-up
 
 
-def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, progress: bool,
-          splits: Splits | None, command: list[str] | None, extensions: Sequence[Extension],
-          t_start: float) -> tuple[Run, RunJson]:
-    """Everything before the first step: checks, the run directory, model, optimizer, extensions and,
-    with ``resume``, the state of ``last``."""
+def check_start(cfg: Config, out_dir: Path, resume: bool) -> dict | None:
+    """The checks of a session that need neither data nor model, before anything is written: the
+    config (``check_intent`` for a new run; a resumed run keeps the config it was trained with) and
+    the run directory (``check_new_run_dir``, or ``resume_plan``). Returns ``last``'s metadata when
+    the session continues from it."""
     if not isinstance(cfg, Config):
         raise ConfigError(f"train() needs a Config (robustfeat.load_config(...)), got {type(cfg).__name__}")
-    saved = saved_config(out_dir) if resume and (out_dir / "config.yaml").exists() else None
-    if saved is not None and not same_experiment(saved.to_dict(), cfg.to_dict()):
-        raise TrainingError(
-            f"--resume: the config differs from the one saved in {str(out_dir / 'config.yaml')!r}; "
-            "resume without --preset/overrides, or start a new run with --out"
+    if not resume:
+        check_intent(cfg)
+        check_new_run_dir(out_dir)
+        return None
+    meta = resume_plan(out_dir, cfg)
+    if meta is not None and not same_experiment(meta["config"], cfg.to_dict()):
+        raise CheckpointError(
+            f"{str(out_dir / LAST)!r} was written by another config than {str(out_dir / 'config.yaml')!r} "
+            f"({experiment_differences(meta['config'], cfg.to_dict())}); refusing to resume from it"
         )
+    return meta
+
+
+def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, progress: bool,
+          splits: Splits | None, command: list[str] | None, extensions: Sequence[Extension],
+          t_start: float) -> tuple[Run, RunJson | None]:
+    """Everything before the first step. What can be checked is checked before anything is written
+    (``check_start``, the data and the model's fit with it, and on resume all of ``last``, loaded into
+    the model); then the run directory is prepared. Returns ``(run, None)`` without writing anything
+    when the resumed run had already finished."""
+    last_meta = check_start(cfg, out_dir, resume)
     # [distributed] torchrun: join the process group (no-op in one process); see distributed.py
     dctx = distributed.setup(resolve_device(cfg.run.device))
     dctx.check_batch(cfg.optim.batch_size)
@@ -317,14 +402,14 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
         torch.set_num_threads(cfg.run.threads)
     if splits is None:
         splits = build_splits(cfg, data_dir)
-    if dctx.main:
-        prepare_run_dir(out_dir, cfg, resume, command, splits=splits, extensions=exts)
-    dctx.barrier()
+    ds, device = splits.dataset, dctx.device
+    check_splits(cfg, splits)
 
     # model and optimizer: the seed's first initialization, the same on every rank
     torch.manual_seed(derived_seed(cfg.run.seed, 0))
-    ds, device = splits.dataset, dctx.device
     model = build_model(cfg.model, ds.num_classes, ds.image_shape[0]).to(device)
+    check_model_fits(model, cfg.model, ds.image_shape,
+                     f"data.name={cfg.data.name!r}" + (f" ({cfg.data.path})" if cfg.data.path else ""))
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.run.sync_bn:
@@ -339,8 +424,15 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
               t_start=t_start)
     for ext in exts:
         ext.setup(run)
-    if resume and (out_dir / LAST).exists():
+    if last_meta is not None:
         resume_from_last(run)
+        if run.state.step >= cfg.optim.steps:
+            run.last_val = last_meta["extra"].get("val") or {}
+            dctx.close()
+            return run, None
+    if dctx.main:
+        prepare_run_dir(out_dir, cfg, resume, command, splits=splits, extensions=exts)
+    dctx.barrier()
     run_json = RunJson(out_dir, cfg, device, command, resume, write=dctx.main)
     run.wall_before = run_json.wall_before
     # [distributed] files and progress on rank 0 only

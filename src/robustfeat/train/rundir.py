@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..build import Splits, build_model
-from ..checkpoint import atomic_write_text, remove_stale_temp_files
+from ..checkpoint import CheckpointError, atomic_write_text, read_checkpoint, remove_stale_temp_files
 from ..config import Config, ConfigError, config_from_dict, read_config_file
 from .errors import TrainingError
 
@@ -37,6 +37,26 @@ BEST = "checkpoints/best.safetensors"
 # preparation
 
 
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", LAST, BEST)
+"""The files training writes; a directory holding any of them holds a run."""
+
+
+def check_layout(out_dir: Path) -> None:
+    """Refuse a run directory whose files or folders are of the wrong kind (e.g. ``checkpoints`` a file),
+    which training would only discover when it first writes there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"output path {str(out_dir)!r} exists and is not a directory")
+    ckpt = out_dir / "checkpoints"
+    if (ckpt.exists() or ckpt.is_symlink()) and not ckpt.is_dir():
+        raise TrainingError(f"{str(ckpt)!r} is not a directory: a run keeps its checkpoints there; move it away "
+                            "or pass --out NEW_DIR")
+    for name in RUN_FILES:
+        f = out_dir / name
+        if (f.exists() or f.is_symlink()) and not f.is_file():
+            raise TrainingError(f"{str(f)!r} is not a file (it is where training writes {name}); move it away "
+                                "or pass --out NEW_DIR")
+
+
 def prepare_run_dir(
     out_dir: Path, cfg: Config, resume: bool, command: list[str] | None, splits: Splits | None = None,
     extensions: Sequence[Any] = (),
@@ -46,23 +66,14 @@ def prepare_run_dir(
     Refused before any training step: a path that is not a directory, a directory that already holds
     a run (without ``resume``), a location that cannot be written, and (given ``splits``) one without
     room for the checkpoints (of the run with ``extensions``). A directory this call created is removed
-    again when it refuses.
+    again when it refuses. On ``resume`` config.yaml is rewritten only when its text differs (another
+    ``data.dir``, or a config saved before a key existed).
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainingError(f"output path {str(out_dir)!r} exists and is not a directory")
-    if not resume and (out_dir / LAST).exists():
-        raise TrainingError(
-            f"run directory {str(out_dir)!r} already holds a run; pass --resume to continue it "
-            "or --out NEW_DIR for a new one"
-        )
+    if not resume:
+        check_new_run_dir(out_dir)
+    check_layout(out_dir)
     if splits is not None:  # what would otherwise fail only after the directory exists
-        if cfg.optim.batch_size > len(splits.y_train):
-            raise TrainingError(
-                f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(splits.y_train)} training "
-                "examples; lower optim.batch_size or raise data.train_size"
-            )
-        if cfg.run.tensorboard:
-            tensorboard_class()
+        check_splits(cfg, splits)
     created = None  # the topmost directory this call creates
     for d in (out_dir, *out_dir.absolute().parents):
         if d.exists() or d.is_symlink():
@@ -78,7 +89,9 @@ def prepare_run_dir(
         probe.unlink()
         if splits is not None:
             check_free_space(out_dir, checkpoint_bytes(cfg, splits, extensions))
-        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        text, cfg_file = cfg.to_yaml(), out_dir / "config.yaml"
+        if not (cfg_file.is_file() and cfg_file.read_text(errors="replace") == text):
+            atomic_write_text(cfg_file, text)
     except OSError as e:
         _remove_created(created)
         raise TrainingError(
@@ -87,6 +100,31 @@ def prepare_run_dir(
     except BaseException:
         _remove_created(created)
         raise
+
+
+def check_splits(cfg: Config, splits: Splits) -> None:
+    """What the data and the installed packages must allow before a run starts: a batch no larger than
+    the training split, and tensorboard when the config asks for it."""
+    if cfg.optim.batch_size > len(splits.y_train):
+        raise TrainingError(
+            f"optim.batch_size={cfg.optim.batch_size} is larger than the {len(splits.y_train)} training "
+            "examples; lower optim.batch_size or raise data.train_size"
+        )
+    if cfg.run.tensorboard:
+        tensorboard_class()
+
+
+def check_new_run_dir(out_dir: Path) -> None:
+    """Refuse to start a new run where one already is (nothing of it may be overwritten)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"output path {str(out_dir)!r} exists and is not a directory")
+    present = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if not present:
+        return
+    how = ("pass --resume to continue it" if (out_dir / LAST).is_file() else
+           f"it cannot be resumed ({LAST} is missing); delete it yourself to train again there")
+    raise TrainingError(f"run directory {str(out_dir)!r} already holds a run ({', '.join(present)}); {how}, "
+                        "or pass --out NEW_DIR for a new one")
 
 
 def _remove_created(d: Path | None) -> None:
@@ -138,19 +176,129 @@ def saved_config(out_dir: Path) -> Config:
         raise TrainingError(f"--resume: the run's config.yaml is damaged or invalid ({e})") from None
 
 
+def _experiment(d: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as the comparison of experiments sees it: read back through the config classes
+    (a config saved before a key existed takes the key's default, by rule the behaviour from before the
+    key existed), without data.dir."""
+    try:
+        d = config_from_dict(d).to_dict()
+    except ConfigError:
+        pass  # an invalid saved config compares as it is (and so differs)
+    return {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "dir"}}
+
+
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Configs equal up to where the data lives (data.dir may differ between machines). Both are read
-    back through the config classes first, so a config saved before a key existed compares with the
-    key's default (which is, by rule, the behaviour from before the key existed)."""
+    """Configs equal up to where the data lives (data.dir may differ between machines)."""
+    return _experiment(a) == _experiment(b)
 
-    def norm(d: dict[str, Any]) -> dict[str, Any]:
+
+def experiment_differences(a: dict[str, Any], b: dict[str, Any], limit: int = 3) -> str:
+    """The first keys where two configs differ as experiments, e.g. "method.name 'at' / 'at-reg'"."""
+    a, b = _experiment(a), _experiment(b)
+    out = []
+    for sec in sorted(set(a) | set(b), key=str):
+        x, y = a.get(sec), b.get(sec)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{sec}.{k} {x.get(k)!r} / {y.get(k)!r}" for k in sorted(set(x) | set(y), key=str)
+                    if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(f"{sec} {x!r} / {y!r}")
+    return ", ".join(out[:limit]) + (", ..." if len(out) > limit else "")
+
+
+def first_checkpoint_step(cfg: Config) -> int:
+    """The first step at which training writes ``last``."""
+    every = [cfg.run.eval_every, cfg.optim.steps] + ([cfg.run.checkpoint_every] if cfg.run.checkpoint_every else [])
+    return min(every)
+
+
+def metrics_records(out_dir: Path) -> list[dict[str, Any]]:
+    """The readable records of metrics.jsonl that have an integer step (torn or damaged lines skipped)."""
+    try:
+        lines = (out_dir / "metrics.jsonl").read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
         try:
-            d = config_from_dict(d).to_dict()
-        except ConfigError:
-            pass  # an invalid saved config compares as it is (and so differs)
-        return {**d, "data": {k: v for k, v in (d.get("data") or {}).items() if k != "dir"}}
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            out.append(rec)
+    return out
 
-    return norm(a) == norm(b)
+
+def recorded_sessions(out_dir: Path) -> list[dict[str, Any]]:
+    """The sessions run.json records (empty when it is missing or unreadable)."""
+    return [h for h in _history(out_dir / "run.json") if isinstance(h, dict)]
+
+
+def finished_step(out_dir: Path, steps: int) -> int | None:
+    """``steps`` when the run's own records say it trained all of them, else None.
+
+    The records are the sessions of run.json (a session that ended at the last step; written after the
+    final checkpoint) and, for a run.json without sessions, the final validation in metrics.jsonl
+    (written at the last step only). Neither needs a checkpoint, so a published run that keeps only
+    ``best`` (or no weights at all) is still known to be finished.
+    """
+    sessions = recorded_sessions(out_dir)
+    if any(_step_of(h.get("to_step")) >= steps and h.get("ended", "finished") == "finished" for h in sessions):
+        return steps
+    if not sessions and any(r.get("kind") == "eval" and r["step"] == steps for r in metrics_records(out_dir)):
+        return steps
+    return None
+
+
+def _step_of(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else -1
+
+
+def recorded_step(out_dir: Path) -> int:
+    """The furthest step any file of the run records (0 when none does): ``best``'s step, the sessions of
+    run.json, the validations of metrics.jsonl."""
+    steps = [0, *(_step_of(h.get("to_step")) for h in recorded_sessions(out_dir)),
+             *(r["step"] for r in metrics_records(out_dir) if r.get("kind") == "eval")]
+    if (out_dir / BEST).is_file():
+        try:
+            steps.append(read_checkpoint(out_dir / BEST)[1]["step"])
+        except CheckpointError:
+            steps.append(1 << 62)  # a damaged best is still the user's: never trained over
+    return max(steps)
+
+
+def resume_plan(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """What ``train(resume=True)`` may do in ``out_dir``, decided before anything is written.
+
+    Returns the metadata of ``last`` to continue from, or None to start at step 0 (there is no run
+    yet, or nothing in the directory that a start from step 0 would not write again identically).
+    Raises a one-line TrainingError for a run whose ``last`` is missing while other results exist:
+    a finished run (resumability ended when ``last`` was deleted) or an unfinished one.
+    """
+    check_layout(out_dir)
+    if (out_dir / "config.yaml").exists():
+        saved = saved_config(out_dir).to_dict()
+        if not same_experiment(saved, cfg.to_dict()):
+            raise TrainingError(
+                f"--resume: the config differs from the one saved in {str(out_dir / 'config.yaml')!r} "
+                f"({experiment_differences(saved, cfg.to_dict())}: saved / given); resume without "
+                "--preset/overrides, or start a new run with --out"
+            )
+    if (out_dir / LAST).is_file():
+        return read_checkpoint(out_dir / LAST)[1]
+    done = finished_step(out_dir, cfg.optim.steps)
+    if done is not None:
+        raise TrainingError(
+            f"--resume: the run in {str(out_dir)!r} finished at step {done:,}, and without its {LAST} "
+            "(deleted) it cannot be continued; its best checkpoint still evaluates (robustfeat eval), or "
+            "train again with --out NEW_DIR")
+    step = recorded_step(out_dir)
+    if step > first_checkpoint_step(cfg):
+        raise TrainingError(
+            f"--resume: {str(out_dir)!r} holds results up to step {step:,} but no {LAST} to continue from, "
+            "and resuming would retrain from step 0 over them; start a new run with --out NEW_DIR, or delete "
+            "the directory yourself to train it again there")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,10 +365,12 @@ class RunJson:
         self.wall_before = sum(float(h.get("wall_seconds", 0.0)) for h in self.sessions if isinstance(h, dict))
         self._save()
 
-    def finish(self, from_step: int, to_step: int, seconds: float) -> None:
-        """Add this session's entry."""
+    def finish(self, from_step: int, to_step: int, seconds: float, ended: str = "finished") -> None:
+        """Add this session's entry: ``to_step`` is the step ``last`` holds at its end, ``ended`` how it
+        ended: finished (the run's last step), stopped (``stop_after`` or a guard), interrupted (SIGINT,
+        SIGTERM) or error."""
         self.sessions.append({**self.info, "from_step": from_step, "to_step": to_step,
-                              "wall_seconds": round(seconds, 1)})
+                              "wall_seconds": round(seconds, 1), "ended": ended})
         self._save()
 
     def _save(self) -> None:

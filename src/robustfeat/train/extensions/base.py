@@ -108,6 +108,8 @@ class Run:
     wall_before: float = 0.0
     """Wall seconds of the run's earlier sessions."""
     last_val: dict[str, float] = field(default_factory=dict)
+    saved_step: int = 0
+    """The step the ``last`` checkpoint holds (as far as this session knows)."""
 
     def __post_init__(self) -> None:
         if self.evaluated is None:

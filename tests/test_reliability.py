@@ -918,6 +918,8 @@ CATALOGUE_2 = {
     "resume-config-changed-under-last": (
         lambda t, g, c: _resume_cli(_copy_run(t, c, **{"config.yaml": (c / "config.yaml").read_text().replace(
             "seed: 0", "seed: 3")})), 2, "another config"),
+    "resume-damaged-run-json": (lambda t, g, c: _resume_cli(_copy_run(t, c, **{"run.json": '{"sessions": [{"fr'})),
+                                2, "run.json' is damaged"),
     "resume-a-file": (lambda t, g, c: partial(main, ["train", "--resume", str(_yaml(t, "x: 1"))]), 2, "is a file"),
     "train-over-finished-run-without-last": (
         lambda t, g, c: partial(main, ["train", "--preset", "demo", "--quiet", "--out",
@@ -925,6 +927,9 @@ CATALOGUE_2 = {
     "train-over-records-without-checkpoints": (
         lambda t, g, c: partial(main, ["train", "--preset", "demo", "--quiet", "--out",
                                        str(_copy_run(t, c, drop=("checkpoints",))), *TINY]), 2, "cannot be resumed"),
+    "train-inside-a-run-directory": (
+        lambda t, g, c: partial(main, ["train", "--preset", "demo", "--quiet", "--out",
+                                       str(_copy_run(t, c) / "checkpoints"), *TINY]), 2, "inside the run directory"),
     "train-into-checkpoints-file": (
         lambda t, g, c: (_yaml(t, "x"), (t / "out").mkdir(), (t / "out" / "checkpoints").write_text("x"),
                          partial(main, ["train", "--preset", "demo", "--quiet", "--out", str(t / "out"), *TINY]))[-1],
@@ -946,6 +951,8 @@ CATALOGUE_2 = {
                                 "seed="),
     "eval-out-is-a-file": (lambda t, g, c: _eval_cli(_copy_run(t, g), "--out", str(_yaml(t, "x"))), 2,
                            "not a directory"),
+    "eval-out-cannot-be-written": (lambda t, g, c: _eval_cli(_copy_run(t, g), "--out", "/proc/robustfeat-test-eval"),
+                                   2, "cannot write the evaluation"),
     "eval-best-of-another-run": (
         lambda t, g, c: _eval_cli(_with_eval((r := _copy_run(t, g), _foreign(r / BEST, seed=7))[0])), 2,
         "was not written by the run"),
@@ -1014,6 +1021,7 @@ CATALOGUE_2 = {
     "npz-test-label-without-training-images": (
         lambda t, g, c: partial(load_dataset, "npz", path=_npz(t, y_test=np.array([0, 1, 2, 3, 1000, 1]))),
         DataError, "y_test has label 1000"),
+    "npz-path-is-a-directory": (lambda t, g, c: partial(load_dataset, "npz", path=t), DataError, "is a directory"),
     "seed-above-64-bits": (lambda t, g, c: partial(load_config, "demo", overrides=[f"run.seed={2**64 + 1}"]),
                            ConfigError, "would give the run of seed 1"),
     "train-a-dict": (lambda t, g, c: partial(train, {"optim": {"lr": 0.1}}, t / "o"), ConfigError, "needs a Config"),

@@ -165,7 +165,9 @@ def _check_args(target, budget, overrides, out, runs_dir) -> tuple[Target, list[
 
 
 def _target(name: str) -> Target:
-    if not isinstance(name, str) or name not in TARGETS:
+    if not isinstance(name, str):
+        raise ConfigError(f"target={name!r} is invalid: expected one of {', '.join(TARGETS)}")
+    if name not in TARGETS:
         raise ConfigError(f"unknown target {name!r}{suggest(name, list(TARGETS))}; known: {', '.join(TARGETS)}")
     return TARGETS[name]
 

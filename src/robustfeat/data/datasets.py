@@ -425,6 +425,8 @@ def _load_npz(data_dir=None, *, path=None, download=True, coarse=False) -> Datas
     if path is None:
         raise DataError("dataset 'npz' needs a file: set data.path=FILE.npz")
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory; set data.path to an .npz file with x_train, y_train, x_test, y_test")
     if not p.is_file():
         raise DataError(
             f"{p}: file is missing; pass the path of an existing .npz with x_train, y_train, x_test, y_test"

@@ -12,6 +12,7 @@ file is written atomically (``robustfeat.checkpoint.atomic_write_bytes``).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ..config import AttackConfig, ConfigError, load_config
 from ..data import DataError
 from ..seeding import derived_seed
 from .checks import check_settings, independent_source_check, masking_suspected
-from .load import load_run, run_identity
+from .load import checkpoint_path, load_run, run_identity
 from .paper import paper_results
 from .report import render_csv, render_markdown
 from .suite import SUITES, Row, evaluate_model, to_json
@@ -78,9 +79,9 @@ def evaluate_run(
         raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
     # settings first: nothing is loaded, computed or written for what cannot be meant
     check_settings(eps=eps, step_size=step_size, restarts=restarts, batch_size=batch_size, seed=seed, n=n)
+    checkpoint_path(run_dir, which)  # the run (a file given as one, no weights) before its output folder
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {str(out)!r} exists and is not a directory; pass --out DIR")
+    _check_writable(out)
     try:
         dev = resolve_device(device)
     except ValueError as e:
@@ -127,6 +128,28 @@ def evaluate_run(
     res.pop("per_example")
     res["outputs"] = str(out)
     return res
+
+
+def _check_writable(out: Path) -> None:
+    """ConfigError unless the output folder is (or can be made) a writable directory; a folder this
+    check creates is removed again, so a refused evaluation leaves nothing behind."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {str(out)!r} exists and is not a directory; pass --out DIR")
+    created = None
+    for d in (out, *out.absolute().parents):
+        if d.exists():
+            break
+        created = d
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        ok = os.access(out, os.W_OK)
+    except OSError as e:
+        raise ConfigError(f"cannot write the evaluation to {str(out)!r}: {e.strerror or e}; pass --out DIR") from None
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+    if not ok:
+        raise ConfigError(f"cannot write the evaluation to {str(out)!r}: permission denied; pass --out DIR")
 
 
 def _check_data(ds, meta: dict[str, Any], cfg) -> None:

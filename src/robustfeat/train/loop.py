@@ -378,6 +378,8 @@ def check_start(cfg: Config, out_dir: Path, resume: bool) -> dict | None:
         check_new_run_dir(out_dir)
         return None
     meta = resume_plan(out_dir, cfg)
+    if meta is None and not (out_dir / "config.yaml").exists():  # nothing saved: the config is the caller's
+        check_intent(cfg)
     if meta is not None and not same_experiment(meta["config"], cfg.to_dict()):
         raise CheckpointError(
             f"{str(out_dir / LAST)!r} was written by another config than {str(out_dir / 'config.yaml')!r} "

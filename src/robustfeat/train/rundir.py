@@ -118,6 +118,10 @@ def check_new_run_dir(out_dir: Path) -> None:
     """Refuse to start a new run where one already is (nothing of it may be overwritten)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"output path {str(out_dir)!r} exists and is not a directory")
+    for parent in out_dir.absolute().parents:  # e.g. --out RUN/checkpoints: a run inside a run
+        if (parent / "config.yaml").is_file() and any((parent / n).exists() for n in RUN_FILES[1:]):
+            raise TrainingError(f"output path {str(out_dir)!r} is inside the run directory {str(parent)!r}; "
+                                "pass --out NEW_DIR outside it")
     present = [n for n in RUN_FILES if (out_dir / n).exists()]
     if not present:
         return
@@ -267,6 +271,21 @@ def recorded_step(out_dir: Path) -> int:
     return max(steps)
 
 
+def _check_run_json(path: Path) -> None:
+    """A resumed session rewrites run.json with the sessions it read: refuse one it cannot read, which
+    would be replaced by a history that starts again."""
+    if not path.exists():
+        return
+    try:
+        info = json.loads(path.read_text())
+        ok = isinstance(info, dict) and isinstance(info.get("sessions", []), list)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        ok = False
+    if not ok:
+        raise TrainingError(f"--resume: {str(path)!r} is damaged (not the JSON that training writes); move it "
+                            "away to resume (the session history then starts again with this session)")
+
+
 def resume_plan(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
     """What ``train(resume=True)`` may do in ``out_dir``, decided before anything is written.
 
@@ -276,6 +295,7 @@ def resume_plan(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
     a finished run (resumability ended when ``last`` was deleted) or an unfinished one.
     """
     check_layout(out_dir)
+    _check_run_json(out_dir / "run.json")
     if (out_dir / "config.yaml").exists():
         saved = saved_config(out_dir).to_dict()
         if not same_experiment(saved, cfg.to_dict()):
@@ -386,17 +406,22 @@ class MetricsLog:
     """metrics.jsonl, appended line by line (each line flushed; a torn last line is dropped on resume)."""
 
     def __init__(self, path: Path, resume_step: int | None):
-        """``resume_step``: keep the records up to that step (the resumed checkpoint's), drop the rest
-        and any torn line; None: a new run, which starts the file afresh."""
+        """``resume_step``: keep the records up to that step (the resumed checkpoint's), drop the later
+        ones (written again by this session) and a torn last line; lines that are not records are kept
+        as they are (never written by training, so not training's to drop). None: a new run, which
+        starts the file afresh."""
         self.path = path
         if resume_step is not None and path.exists():
+            lines = path.read_text(errors="replace").splitlines()
             keep = []
-            for line in path.read_text(errors="replace").splitlines():
+            for i, line in enumerate(lines):
                 try:
                     rec = json.loads(line)
                 except ValueError:
+                    if i < len(lines) - 1:
+                        keep.append(line)
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= resume_step:
+                if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)) or rec["step"] <= resume_step:
                     keep.append(line)
             atomic_write_text(path, "".join(k + "\n" for k in keep))
         self._f = open(path, "a" if resume_step is not None else "w")  # noqa: SIM115 - closed by close()

@@ -897,6 +897,9 @@ CATALOGUE_2 = {
         lambda t, g, c: _resume_cli(_copy_run(t, c, drop=(LAST,))), 2, "holds results up to step 5"),
     "resume-unfinished-run-without-last-or-best": (
         lambda t, g, c: _resume_cli(_copy_run(t, c, drop=("checkpoints",))), 2, "retrain from step 0"),
+    "resume-damaged-best-without-last": (
+        lambda t, g, c: _resume_cli(_copy_run(t, c, drop=(LAST,), **{"checkpoints__best.safetensors": "torn"})), 2,
+        "best.safetensors' is not a readable safetensors file"),
     "resume-checkpoints-is-a-file": (
         lambda t, g, c: _resume_cli(_copy_run(t, c, drop=("checkpoints",), checkpoints="x")), 2,
         "is not a directory"),

@@ -266,8 +266,9 @@ def recorded_step(out_dir: Path) -> int:
     if (out_dir / BEST).is_file():
         try:
             steps.append(read_checkpoint(out_dir / BEST)[1]["step"])
-        except CheckpointError:
-            steps.append(1 << 62)  # a damaged best is still the user's: never trained over
+        except CheckpointError as e:  # still the user's file: never trained over
+            raise TrainingError(f"{e}; and without {LAST} nothing can continue this run: move the file away, or "
+                                "train with --out NEW_DIR") from None
     return max(steps)
 
 
@@ -308,10 +309,11 @@ def resume_plan(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
         return read_checkpoint(out_dir / LAST)[1]
     done = finished_step(out_dir, cfg.optim.steps)
     if done is not None:
+        kept = ("its best checkpoint still evaluates (robustfeat eval)" if (out_dir / BEST).is_file() else
+                "its records and evaluations stay as they are")
         raise TrainingError(
             f"--resume: the run in {str(out_dir)!r} finished at step {done:,}, and without its {LAST} "
-            "(deleted) it cannot be continued; its best checkpoint still evaluates (robustfeat eval), or "
-            "train again with --out NEW_DIR")
+            f"(deleted) it cannot be continued; {kept}, or train again with --out NEW_DIR")
     step = recorded_step(out_dir)
     if step > first_checkpoint_step(cfg):
         raise TrainingError(

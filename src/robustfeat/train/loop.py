@@ -22,8 +22,16 @@ import torch
 
 from .. import distributed
 from ..attacks import accuracy, attack_from_config, start_noise
-from ..build import Splits, build_model, build_splits, resolve_device, training_autocast
+from ..build import (
+    Splits,
+    build_model,
+    build_splits,
+    deterministic_kernels,
+    resolve_device,
+    training_autocast,
+)
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ..compiled import StepFunctions
 from ..config import Config, ConfigError
 from ..data import DeviceLoader
 from ..methods import METHODS, method_loss
@@ -74,7 +82,17 @@ def train(
     of interruption); the run stays resumable. ``extensions`` run after the config's own (see
     ``robustfeat.train.extensions``)."""
     t_start = time.time()
-    run, run_json = start(cfg, Path(out_dir), resume=resume, data_dir=data_dir, progress=progress,
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"train() needs a Config (robustfeat.load_config(...)), got {type(cfg).__name__}")
+    with deterministic_kernels(cfg.run.deterministic):
+        return _train(cfg, Path(out_dir), resume=resume, data_dir=data_dir, progress=progress, splits=splits,
+                      command=command, stop_after=stop_after, extensions=extensions, t_start=t_start)
+
+
+def _train(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, progress: bool,
+           splits: Splits | None, command: list[str] | None, stop_after: int | None,
+           extensions: Sequence[Extension], t_start: float) -> TrainResult:
+    run, run_json = start(cfg, out_dir, resume=resume, data_dir=data_dir, progress=progress,
                           splits=splits, command=command, extensions=extensions, t_start=t_start)
     model, optimizer, state, dctx, device = run.model, run.optimizer, run.state, run.dctx, run.device
     spec, lam, exts = METHODS.get(cfg.method.name), cfg.lam, run.extensions
@@ -89,6 +107,8 @@ def train(
         for step in range(start_step, end):
             # batch: this step's images (a pure function of seed and step), learning rate and eps
             model.train()
+            if run.step_fns is not None:
+                run.step_fns.begin_step()
             lr = set_learning_rate(optimizer, learning_rate(cfg, step) * state.lr_scale)
             x, y = run.loader.batch(step)
             batch = Batch(step, x.shape, *attack_strength(cfg, step, exts), gen)
@@ -169,17 +189,21 @@ def make_adversary(run: Run, batch: Batch, x: torch.Tensor, y: torch.Tensor, adv
     batch.x, batch.y = dctx.shard(x), dctx.shard(y)
     if not adversarial:
         return
+    kw = {"generator": batch.generator, "eps": batch.eps, "step_size": batch.step_size, "noise": noise,
+          "start": start}
     with training_autocast(cfg.run, run.device, attack=True):
-        batch.x_adv = attack_from_config(run.model, batch.x, batch.y, cfg.attack, generator=batch.generator,
-                                         keep_best=False, eps=batch.eps, step_size=batch.step_size, noise=noise,
-                                         start=start)
+        if run.step_fns is not None:  # run.compile
+            batch.x_adv = run.step_fns.adversary(run.model, batch.x, batch.y, cfg.attack, **kw)
+        else:
+            batch.x_adv = attack_from_config(run.model, batch.x, batch.y, cfg.attack, keep_best=False, **kw)
     for ext in run.extensions:
         ext.after_attack(run, batch)
 
 
 def total_loss(run: Run, batch: Batch, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The method's loss plus every extension's term; the parts to log."""
-    loss, parts = method_loss(run.model, batch.x, batch.x_adv, batch.y, lam)
+    loss_fn = method_loss if run.step_fns is None else run.step_fns.loss  # run.compile
+    loss, parts = loss_fn(run.model, batch.x, batch.x_adv, batch.y, lam)
     for ext in run.extensions:
         extra = ext.extra_loss(run, batch)
         if extra is not None:
@@ -336,7 +360,7 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
     )
     run = Run(cfg=cfg, out_dir=out_dir, dctx=dctx, model=model, optimizer=make_optimizer(cfg, model),
               splits=splits, loader=loader, state=TrainState(), log=None, extensions=exts, progress=progress,
-              t_start=t_start)
+              t_start=t_start, step_fns=StepFunctions(cfg.run) if cfg.run.compile else None)
     for ext in exts:
         ext.setup(run)
     if resume and (out_dir / LAST).exists():

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from ...build import Splits
 from ...checkpoint import load_into
+from ...compiled import StepFunctions
 from ...config import Config
 from ...distributed import Dist
 from ..state import TrainState
@@ -108,6 +109,8 @@ class Run:
     wall_before: float = 0.0
     """Wall seconds of the run's earlier sessions."""
     last_val: dict[str, float] = field(default_factory=dict)
+    step_fns: StepFunctions | None = None
+    """With ``run.compile``: the compiled adversary and loss of a step (None: the eager functions)."""
 
     def __post_init__(self) -> None:
         if self.evaluated is None:

@@ -9,13 +9,16 @@ one that hangs or crashes costs only its own time):
 
     env            the machine, torch, CUDA and GPU                          env.json
     tests          the device tests on the device (pytest -m device --slow)  tests.xml, logs/tests.log
-    bench          robustfeat bench, every paper model, main variants        bench-main.json/.md
+    bench-main     robustfeat bench, every paper model: ours, ours-bf16,     bench-main.json/.md
+                   textbook (training and PGD evaluation rows)
     slice-paper    a timed slice of cifar10-at-att-reg at the paper budget,  slice-paper.json, runs/paper/
                    its full time extrapolated (80,000 steps + 40 validations)
     eval-paper     the quick suite on that slice's checkpoint                 eval-paper/
-    bench-compile  AT-att-reg with the compiled variants (CUDA graphs too)    bench-compile.json/.md
-    slice-fast     the slice with bf16 + compile (reduce-overhead)            slice-fast.json, runs/fast/
-    bench-batch    AT-att-reg at batch 512 (opt-in larger batches)           bench-batch.json/.md
+    bench-bf16-compile-cg, bench-compile-cg
+                   AT-att-reg compiled with CUDA graphs, bf16 and fp32        bench-*.json/.md
+    slice-fast     the slice with bf16 + compile + CUDA graphs               slice-fast.json, runs/fast/
+    bench-batch512 AT-att-reg at batch 512 (opt-in larger batches)           bench-batch512.json/.md
+    bench-bf16-compile  compiled without CUDA graphs                         bench-bf16-compile.json/.md
     concurrent     two bench processes at once on one device                 concurrent.json
     summary        every stage's status, time and key numbers                summary.json, README.md
 
@@ -23,8 +26,8 @@ Every file stays small: logs keep their last 32,000 characters, and the runs' ch
 once evaluated. Data: CIFAR-10 from ``--data-dir`` (official batches or ``cifar10_lossless.npz``, e.g.
 the subset ``subset`` writes into the ignored ``.data/``), else synthetic CIFAR-shaped images with
 random labels, written to a temporary directory and labelled as such (their times are real, their
-accuracies mean nothing). ``--tiny`` does every stage at toy sizes on the CPU in under a minute
-(tests/test_scripts.py runs it) so the script does not rot.
+accuracies mean nothing). ``--tiny`` does every kind of stage at toy sizes on the CPU (about 35 s of
+CPU time; tests/test_scripts.py runs it) so the script does not rot.
 """
 
 from __future__ import annotations
@@ -130,9 +133,9 @@ def _bench(check: Check, name: str, presets: str, variants: str, extra: list[str
 
         (check.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
         (check.out / f"{name}.md").write_text(f"# {name}\n\n```\n{format_table(report)}\n```\n")
-        rec["rates"] = {f"{c['preset']} {v}": d["examples_per_s"]["median"]
-                        for c in report["cases"] for v, d in c["train"].items()}
-        rec["memory_mib"] = {f"{c['preset']} {v}": d["max_memory_mib"]
+        key = lambda c, v: f"{c['preset']} {v} batch {c['batch']}"
+        rec["rates"] = {key(c, v): d["examples_per_s"]["median"] for c in report["cases"] for v, d in c["train"].items()}
+        rec["memory_mib"] = {key(c, v): d["max_memory_mib"]
                              for c in report["cases"] for v, d in c["train"].items() if "max_memory_mib" in d}
     return rec
 
@@ -303,6 +306,36 @@ def write_summary(check: Check) -> dict:
     return summary
 
 
+def tiny_stages(check: Check) -> None:
+    """Every kind of stage once, at toy sizes on the CPU (the compiled variant through aot_eager)."""
+    stage_env(check)
+    stage_tests(check)
+    _bench(check, "bench-main", "mnist-at-reg", "ours,textbook", TINY_BENCH, 0)
+    stage_slice(check, "paper", [], 0)
+    stage_eval(check, "paper", 0)
+    _bench(check, "bench-compile-cg", "mnist-at-reg", "ours-compile-cg",
+           [*TINY_BENCH, "--set", "run.compile_backend=aot_eager"], 0)
+    stage_concurrent(check, "ours", 2)
+
+
+def gpu_stages(check: Check) -> None:
+    """The acceptance run, most important first; each compiled variant is its own stage (a compilation
+    that overruns loses only its own row)."""
+    stage_env(check)
+    stage_tests(check)
+    _bench(check, "bench-main", ",".join(PAPER_PRESETS), "ours,ours-bf16,textbook", GPU_BENCH, 150)
+    stage_slice(check, "paper", [], 75)
+    stage_eval(check, "paper", 45)
+    one_case = [*GPU_BENCH, "--no-eval", "--matmul-size", "0"]
+    _bench(check, "bench-bf16-compile-cg", CASE, "ours-bf16-compile-cg", one_case, 150)
+    _bench(check, "bench-compile-cg", CASE, "ours-compile-cg", one_case, 120)
+    stage_slice(check, "fast", ["run.precision=bf16", "run.compile=true", "run.compile_mode=reduce-overhead"], 100)
+    _bench(check, "bench-batch512", CASE, "ours-bf16,ours-bf16-compile-cg", [*one_case, "--batch", "512"], 120)
+    _bench(check, "bench-bf16-compile", CASE, "ours-bf16-compile", one_case, 100)
+    fast = any(s["stage"] == "bench-bf16-compile-cg" and s["status"] == "ok" for s in check.stages)
+    stage_concurrent(check, "ours-bf16-compile-cg" if fast else "ours-bf16", 2)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -314,25 +347,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.device == "auto":
         args.device = "cuda"
     check = Check(out, args)
-    tiny = args.tiny
     with tempfile.TemporaryDirectory(prefix="robustfeat-gpu-check-") as tmp:
         check.tmp = Path(tmp)
-        stage_env(check)
-        stage_tests(check)
-        _bench(check, "bench-main", "mnist-at-reg" if tiny else ",".join(PAPER_PRESETS),
-               "ours,textbook" if tiny else "ours,ours-bf16,textbook", TINY_BENCH if tiny else GPU_BENCH, 150)
-        stage_slice(check, "paper", [], 75)
-        stage_eval(check, "paper", 45)
-        compiled = "ours-compile" if tiny else "ours-bf16-compile-cg,ours-compile-cg,ours-bf16-compile"
-        _bench(check, "bench-compile", "mnist-at-reg" if tiny else CASE, compiled,
-               [*TINY_BENCH, "--set", "run.compile_backend=aot_eager"] if tiny else [*GPU_BENCH, "--no-eval"], 200)
-        if not tiny:
-            stage_slice(check, "fast", ["run.precision=bf16", "run.compile=true", "run.compile_mode=reduce-overhead"],
-                        100)
-            _bench(check, "bench-batch", CASE, "ours-bf16,ours-bf16-compile-cg",
-                   [*GPU_BENCH, "--no-eval", "--batch", "512", "--matmul-size", "0"], 100)
-        comp_ok = any(s["stage"] == "bench-compile" and s["status"] == "ok" for s in check.stages)
-        stage_concurrent(check, ("ours" if tiny else "ours-bf16-compile-cg" if comp_ok else "ours-bf16"), 2)
+        (tiny_stages if args.tiny else gpu_stages)(check)
     for ckpt in (out / "runs").glob("*/checkpoints"):  # evaluated: keep the directory small
         shutil.rmtree(ckpt, ignore_errors=True)
     summary = write_summary(check)

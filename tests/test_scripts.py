@@ -133,17 +133,17 @@ def test_gpu_check_tiny_mode_runs_every_stage(tmp_path):
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert status == dict.fromkeys(["env", "tests", "bench-main", "slice-paper", "eval-paper", "bench-compile",
+    assert status == dict.fromkeys(["env", "tests", "bench-main", "slice-paper", "eval-paper", "bench-compile-cg",
                                     "concurrent"], "ok")
     stages = {s["stage"]: s for s in summary["stages"]}
     assert stages["tests"]["counts"]["failures"] == 0 and stages["tests"]["counts"]["tests"] >= 3
-    assert "mnist-at-reg ours-compile" in stages["bench-compile"]["rates"]
+    assert "mnist-at-reg ours-compile-cg batch 4" in stages["bench-compile-cg"]["rates"]
     sl = summary["slices"]["slice-paper"]
     assert sl["data"].startswith("synthetic") and sl["paper_steps"] == 80_000 and sl["extrapolated_s"] > 0
     assert {"natural", "whitebox/pgd-2"} <= set(stages["eval-paper"]["accuracy"])  # the slice's eval_attack.steps=2
     assert len(stages["concurrent"]["process_rates"]) == 2
     readme = (out / "README.md").read_text()
-    assert "extrapolates to" in readme and "| bench-compile | ok |" in readme
+    assert "extrapolates to" in readme and "| bench-compile-cg | ok |" in readme
     # every file small, and no checkpoint left behind
     files = [p for p in out.rglob("*") if p.is_file()]
     assert max(p.stat().st_size for p in files) < 100_000

@@ -168,10 +168,10 @@ def _synthetic(cfg, n: int, seed: int = 0):
 
 def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool | None = None,
                 sync: bool = True, precision: str | None = None, attack_fp32: bool | None = None,
-                compile_mode: str | None = None):
+                compile: bool | None = None, compile_mode: str | None = None):
     """(model, step) with ``step(i)`` = one step of ``robustfeat.train`` at full attack strength;
-    ``precision`` / ``attack_fp32`` override ``run.precision`` / ``run.attack_fp32``, and a
-    ``compile_mode`` sets ``run.compile=true`` with that ``run.compile_mode``."""
+    ``precision``, ``attack_fp32``, ``compile`` and ``compile_mode`` override the ``run.*`` keys of those
+    names (None: the config's)."""
     import dataclasses
 
     import torch
@@ -197,7 +197,8 @@ def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool |
     run = dataclasses.replace(
         cfg.run, precision=cfg.run.precision if precision is None else precision,
         attack_fp32=cfg.run.attack_fp32 if attack_fp32 is None else attack_fp32,
-        **({"compile": True, "compile_mode": compile_mode} if compile_mode else {}))
+        compile=cfg.run.compile if compile is None else compile,
+        compile_mode=cfg.run.compile_mode if compile_mode is None else compile_mode)
     fns = StepFunctions(run)
 
     def step(i: int) -> None:
@@ -392,9 +393,10 @@ def _trainer(v: str, cfg, x_u8, y, classes: int, device, workers: int, *, eager:
     if v == "textbook":
         return textbook_trainer(cfg, x_u8, y, classes, device, workers=workers)
     bf16 = v in BF16_VARIANTS
+    compile = False if eager else (True if v in COMPILE_VARIANTS else None)
     return our_trainer(cfg, x_u8, y, classes, device, channels_last=False if v == "ours-nchw" else None,
                        sync=v != "ours-nosync", precision="bf16" if bf16 else None,
-                       attack_fp32=BF16_VARIANTS.get(v), compile_mode=None if eager else COMPILE_VARIANTS.get(v))
+                       attack_fp32=BF16_VARIANTS.get(v), compile=compile, compile_mode=COMPILE_VARIANTS.get(v))
 
 
 def _peak_memory_mib(device) -> float | None:

@@ -121,3 +121,36 @@ def test_sign_test_p(only_a, only_b, p):
     finally:
         sys.path.remove(str(SCRIPTS))
     assert paired_test.sign_test_p(only_a, only_b) == pytest.approx(p)
+
+
+def test_gpu_check_tiny_mode_runs_every_stage(tmp_path):
+    """benchmarks/gpu_check.sh --tiny: the GPU acceptance run at toy sizes on the CPU, so it does not rot."""
+    out = tmp_path / "check"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHON"] = sys.executable
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny"], env=env,
+                         capture_output=True, text=True, timeout=1200, check=False)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert status == dict.fromkeys(["env", "tests", "bench-main", "slice-paper", "eval-paper", "bench-compile-cg",
+                                    "concurrent"], "ok")
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["tests"]["counts"]["failures"] == 0 and stages["tests"]["counts"]["tests"] >= 3
+    assert "mnist-at-reg ours-compile-cg batch 4" in stages["bench-compile-cg"]["rates"]
+    sl = summary["slices"]["slice-paper"]
+    assert sl["data"].startswith("synthetic") and sl["paper_steps"] == 80_000 and sl["extrapolated_s"] > 0
+    assert {"natural", "whitebox/pgd-2"} <= set(stages["eval-paper"]["accuracy"])  # the slice's eval_attack.steps=2
+    assert len(stages["concurrent"]["process_rates"]) == 2
+    readme = (out / "README.md").read_text()
+    assert "extrapolates to" in readme and "| bench-compile-cg | ok |" in readme
+    # every file small, and no checkpoint left behind
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert max(p.stat().st_size for p in files) < 100_000
+    assert not list(out.rglob("*.safetensors")) or all(p.name == "per_example.safetensors" for p in out.rglob("*.safetensors"))
+
+
+def test_gpu_check_usage_errors():
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert res.returncode == 2 and res.stderr.startswith("usage: benchmarks/gpu_check.sh OUTDIR")

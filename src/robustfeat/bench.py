@@ -22,8 +22,15 @@ Optional variants isolate single choices: ``ours-nchw`` (channels_last off), ``o
 per-step ``isfinite`` host sync), ``ours-bf16`` (``run.precision=bf16``: attack and update under bf16
 autocast) and ``ours-bf16-attack32`` (bf16 update, fp32 attack: ``run.attack_fp32=true``). With a bf16
 variant the bf16 matrix-multiply rate is measured too, and the bf16 rows also report their fraction
-of it (on CPUs with AMX it is several times the fp32 rate). ``--profile`` adds the operator profile of
-one step of the first case.
+of it (on CPUs with AMX it is several times the fp32 rate). The ``-compile`` variants add
+``run.compile=true`` (``robustfeat.compiled``: torch.compile of the PGD iteration and the loss) with
+mode default; ``-compile-cg`` with mode reduce-overhead, which on CUDA also captures CUDA graphs. A
+compiled variant warms up at least 3 steps, and its row records the first step's seconds (the
+compilation) as ``first_step_s``; its FLOPs are counted on the eager step of the same settings (the
+same arithmetic). ``--profile`` adds the operator profile of one step of the first case.
+
+On CUDA every row also reports the peak memory torch allocated (``max_memory_mib``), and the report
+records whether TF32 is allowed for matmuls and cuDNN (PyTorch's defaults: no and yes).
 
 Data are synthetic uint8 images of the dataset's shape (speed does not depend on pixel values, and
 no download is needed). Results: ``--json`` prints JSON; ``--out results/bench`` writes
@@ -46,9 +53,14 @@ DEFAULT_PRESETS = (
     "cifar10-wide3-at", "cifar10-wide3-at-att-reg",
 )
 DEFAULT_VARIANTS = ("ours", "textbook")
-ALL_VARIANTS = ("ours", "ours-nchw", "ours-nosync", "ours-bf16", "ours-bf16-attack32", "textbook")
-BF16_VARIANTS = {"ours-bf16": False, "ours-bf16-attack32": True}
+ALL_VARIANTS = ("ours", "ours-nchw", "ours-nosync", "ours-bf16", "ours-bf16-attack32", "ours-compile",
+                "ours-bf16-compile", "ours-compile-cg", "ours-bf16-compile-cg", "textbook")
+BF16_VARIANTS = {"ours-bf16": False, "ours-bf16-attack32": True, "ours-bf16-compile": False,
+                 "ours-bf16-compile-cg": False}
 """bf16 variant -> run.attack_fp32."""
+COMPILE_VARIANTS = {"ours-compile": "default", "ours-bf16-compile": "default",
+                    "ours-compile-cg": "reduce-overhead", "ours-bf16-compile-cg": "reduce-overhead"}
+"""compiled variant -> run.compile_mode."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,17 +167,19 @@ def _synthetic(cfg, n: int, seed: int = 0):
 
 
 def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool | None = None,
-                sync: bool = True, precision: str | None = None, attack_fp32: bool | None = None):
+                sync: bool = True, precision: str | None = None, attack_fp32: bool | None = None,
+                compile: bool | None = None, compile_mode: str | None = None):
     """(model, step) with ``step(i)`` = one step of ``robustfeat.train`` at full attack strength;
-    ``precision`` / ``attack_fp32`` override ``run.precision`` / ``run.attack_fp32``."""
+    ``precision``, ``attack_fp32``, ``compile`` and ``compile_mode`` override the ``run.*`` keys of those
+    names (None: the config's)."""
     import dataclasses
 
     import torch
 
-    from .attacks import attack_from_config
     from .build import build_model, training_autocast
+    from .compiled import StepFunctions
     from .data import DeviceLoader
-    from .methods import METHODS, method_loss
+    from .methods import METHODS
     from .seeding import derived_seed
     from .train import ATTACK_STREAM, make_optimizer
 
@@ -182,19 +196,23 @@ def our_trainer(cfg, x_u8, y, num_classes: int, device, *, channels_last: bool |
     gen = torch.Generator(device=device)
     run = dataclasses.replace(
         cfg.run, precision=cfg.run.precision if precision is None else precision,
-        attack_fp32=cfg.run.attack_fp32 if attack_fp32 is None else attack_fp32)
+        attack_fp32=cfg.run.attack_fp32 if attack_fp32 is None else attack_fp32,
+        compile=cfg.run.compile if compile is None else compile,
+        compile_mode=cfg.run.compile_mode if compile_mode is None else compile_mode)
+    fns = StepFunctions(run)
 
     def step(i: int) -> None:
         model.train()
+        fns.begin_step()
         x, yb = loader.batch(i)
         x_adv = None
         if spec.adversarial:
             gen.manual_seed(derived_seed(0, ATTACK_STREAM, i))
             with training_autocast(run, device, attack=True):
-                x_adv = attack_from_config(model, x, yb, cfg.attack, generator=gen, keep_best=False)
+                x_adv = fns.adversary(model, x, yb, cfg.attack, generator=gen)
         model.train()
         with training_autocast(run, device):
-            loss, _ = method_loss(model, x, x_adv, yb, lam)
+            loss, _ = fns.loss(model, x, x_adv, yb, lam)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if sync and not torch.isfinite(loss):
@@ -361,22 +379,70 @@ def _compare(t: dict[str, dict], peak: float | None, peak_bf16: float | None) ->
                 t["ours"][f"speedup_vs_{v}"] = round(t["ours"]["examples_per_s"]["median"]
                                                     / row["examples_per_s"]["median"], 3)
     for v, row in t.items():
-        if v not in BF16_VARIANTS:
-            continue
-        if peak_bf16:
+        if v in BF16_VARIANTS and peak_bf16:
             row["bf16_peak_fraction"] = round(row["gflops"] / peak_bf16, 4)
-        if "textbook" in t:
-            row["speedup_vs_textbook"] = round(row["examples_per_s"]["median"]
-                                               / t["textbook"]["examples_per_s"]["median"], 3)
+        if v in BF16_VARIANTS or v in COMPILE_VARIANTS:
+            for base in ("textbook", "ours"):
+                if base in t:
+                    row[f"speedup_vs_{base}"] = round(row["examples_per_s"]["median"]
+                                                      / t[base]["examples_per_s"]["median"], 3)
 
 
-def _trainer(v: str, cfg, x_u8, y, classes: int, device, workers: int):
+def _trainer(v: str, cfg, x_u8, y, classes: int, device, workers: int, *, eager: bool = False):
+    """The variant's (model, step); ``eager``: the same settings without compilation."""
     if v == "textbook":
         return textbook_trainer(cfg, x_u8, y, classes, device, workers=workers)
     bf16 = v in BF16_VARIANTS
+    compile = False if eager else (True if v in COMPILE_VARIANTS else None)
     return our_trainer(cfg, x_u8, y, classes, device, channels_last=False if v == "ours-nchw" else None,
                        sync=v != "ours-nosync", precision="bf16" if bf16 else None,
-                       attack_fp32=BF16_VARIANTS.get(v))
+                       attack_fp32=BF16_VARIANTS.get(v), compile=compile, compile_mode=COMPILE_VARIANTS.get(v))
+
+
+def _peak_memory_mib(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def _reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_train_variant(v: str, cfg, x_u8, y, classes: int, device, *, warmup: int, repeats: int, steps: int,
+                        workers: int, peak: float | None):
+    """(model, row) of one training variant: examples/s, FLOPs, first-step seconds, peak memory."""
+    b = cfg.optim.batch_size
+    compiled = v in COMPILE_VARIANTS or (cfg.run.compile and v != "textbook")
+    if compiled:  # a fresh compile cache per compiled model (torch.compile's per-function recompile limit)
+        from .compiled import reset
+
+        reset()
+    model, step = _trainer(v, cfg, x_u8, y, classes, device, workers)
+    t0 = time.perf_counter()
+    step(0)  # the first step (compilation, for a compiled variant)
+    _sync(device)
+    first = time.perf_counter() - t0
+    if compiled:  # FLOPs of the same arithmetic, counted on the eager step (the counter sees no compiled kernels)
+        _, counted = _trainer(v, cfg, x_u8, y, classes, device, workers, eager=True)
+    else:
+        counted = step
+    flops = count_flops(lambda: counted(10_000)) / b
+    _reset_peak_memory(device)  # the peak of the timed steps: model, optimizer, data and one step's tensors
+    rate = time_throughput(lambda i: step(i + 1), b, device, warmup=max(warmup, 3) if compiled else warmup,
+                           repeats=repeats, steps=steps)
+    row = {"examples_per_s": rate, "flops_per_example": round(flops), **_achieved(flops, rate, peak),
+           "first_step_s": round(first, 3)}
+    mem = _peak_memory_mib(device)
+    if mem is not None:
+        row["max_memory_mib"] = mem
+    return model, row
 
 
 def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, steps: int, batch: int | None,
@@ -396,11 +462,8 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
     }
     ours_model = None
     for v in variants:
-        model, step = _trainer(v, cfg, x_u8, y, classes, device, workers)
-        flops = count_flops(lambda step=step: step(10_000)) / b
-        rate = time_throughput(step, b, device, warmup=warmup, repeats=repeats, steps=steps)
-        case["train"][v] = {"examples_per_s": rate, "flops_per_example": round(flops),
-                            **_achieved(flops, rate, peak)}
+        model, case["train"][v] = bench_train_variant(v, cfg, x_u8, y, classes, device, warmup=warmup,
+                                                      repeats=repeats, steps=steps, workers=workers, peak=peak)
         if v == "ours":
             ours_model = model
     _compare(case["train"], peak, peak_bf16)
@@ -410,10 +473,14 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
         eb = min(max(b, 200), len(x_u8))
         step = _eval_step(ours_model, cfg, x_u8, y, device, eb, cfg.run.channels_last)
         flops = count_flops(lambda: step(0)) / eb
+        _reset_peak_memory(device)
         rate = time_throughput(step, eb, device, warmup=max(1, min(warmup, 2)), repeats=repeats,
                                steps=max(1, steps // 2))
         case["eval"] = {"attack": f"PGD-{ea.steps}", "restarts": ea.restarts, "batch": eb,
                         "examples_per_s": rate, "flops_per_example": round(flops), **_achieved(flops, rate, peak)}
+        mem = _peak_memory_mib(device)
+        if mem is not None:
+            case["eval"]["max_memory_mib"] = mem
     return case
 
 
@@ -495,6 +562,11 @@ def run_bench(args) -> dict[str, Any]:
                      "data_size": args.data_size, "textbook_workers": args.workers, "variants": variants,
                      "data": "synthetic uint8 images of the dataset's shape"},
     }
+    if device.type == "cuda":  # what "fp32" means there: TF32 convolutions unless switched off
+        report["cuda"] = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                          "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+                          "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                          "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     mm = None if args.matmul_size == 0 else matmul_gflops(device, args.matmul_size, repeats=max(3, args.repeats))
     report["matmul"] = mm
     peak = mm["gflops"]["median"] if mm else None
@@ -543,7 +615,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"bf16 matmul {mm16['n']}x{mm16['n']}: {g['median']:.1f} GFLOP/s (min {g['min']:.1f}, "
                      f"max {g['max']:.1f})")
     head = ("preset", "what", "ex/s median", "min-max", "MFLOP/ex", "GFLOP/s", "% matmul", "% bf16 mm",
-            "speedup")
+            "speedup", "peak MiB")
     rows = [head]
     for c in report["cases"]:
         items = [(f"train {v} (PGD-{c['attack']['steps']})", d) for v, d in c["train"].items()]
@@ -556,14 +628,17 @@ def format_table(report: dict[str, Any]) -> str:
                          f"{d['flops_per_example'] / 1e6:.1f}", f"{d['gflops']:.1f}",
                          f"{100 * d['peak_fraction']:.1f}" if "peak_fraction" in d else "-",
                          f"{100 * d['bf16_peak_fraction']:.1f}" if "bf16_peak_fraction" in d else "",
-                         f"{sp:.2f}x" if sp else ""))
+                         f"{sp:.2f}x" if sp else "", f"{d['max_memory_mib']:.0f}" if "max_memory_mib" in d else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append("")
     lines.append("MFLOP/ex: the variant's own matmul+conv work per example; GFLOP/s and % matmul: useful work "
                  "(our step's FLOPs) per second, against the fp32 matmul rate (% bf16 mm: against the bf16 "
-                 "rate). speedup: over the textbook loop (fp32, NCHW, per-sample DataLoader).")
+                 "rate). speedup: over the textbook loop (fp32, NCHW, per-sample DataLoader). peak MiB: CUDA "
+                 "memory allocated at most during the timed steps.")
+    if "cuda" in report:
+        lines.append(f"CUDA settings: {json.dumps(report['cuda'])}")
     return "\n".join(lines)
 
 

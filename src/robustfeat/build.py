@@ -6,6 +6,9 @@ The only place that turns config values into data and models, shared by training
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,26 @@ def training_autocast(run: RunConfig, device: torch.device, *, attack: bool = Fa
     validation and evaluation always run in fp32."""
     enabled = run.precision == "bf16" and not (attack and run.attack_fp32)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """``run.deterministic``: inside the block, torch picks deterministic kernels where it has them
+    (warn-only where it has none) and cuDNN does not autotune; the previous settings come back after."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    # cuBLAS reads this when it creates its handle: a fixed workspace makes its GEMMs deterministic
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
 @dataclass

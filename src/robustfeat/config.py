@@ -87,6 +87,8 @@ BnMode = Literal["train", "eval"]
 OptimName = Literal["sgd", "adam"]
 Schedule = Literal["step", "cyclic"]
 Precision = Literal["fp32", "bf16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CompileBackend = Literal["inductor", "aot_eager"]
 
 MAX_SEED = (1 << 64) - 1
 """The largest seed (``robustfeat.seeding.derived_seed`` reads seeds as 64-bit integers)."""
@@ -94,6 +96,8 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 BN_MODES: tuple[str, ...] = get_args(BnMode)
 ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+COMPILE_BACKENDS: tuple[str, ...] = get_args(CompileBackend)
 DATASET_FAMILIES: dict[str, str | None] = {
     "mnist": "mnist", "mnist-sample": "mnist", "cifar10": "cifar", "cifar100": "cifar", "npz": None,
 }
@@ -378,6 +382,21 @@ class RunConfig:
     attack_fp32: bool = False
     """With precision=bf16: craft the training adversary in fp32 and use bf16 only for the weight
     update (slower, but the attack's gradients are exactly those of fp32 training)."""
+    compile: bool = False
+    """torch.compile the training step: one PGD iteration (forward, input gradient, signed step,
+    projection) and the method's loss with its backward (``robustfeat.compiled``). Same method, same
+    random draws; the arithmetic equals the eager step's up to float rounding. Off by default: see
+    docs/gpu.md for where it was measured to help. Needs attack.restarts = 1."""
+    compile_mode: CompileMode = "default"
+    """With run.compile: torch.compile's mode. default (fused kernels), reduce-overhead (also CUDA
+    graphs on CUDA: no per-kernel launch cost), max-autotune, max-autotune-no-cudagraphs."""
+    compile_backend: CompileBackend = "inductor"
+    """With run.compile: inductor (generated kernels; needs a C compiler on CPUs), or aot_eager (the
+    same tracing and autograd graphs on torch's own kernels, for tests and debugging)."""
+    deterministic: bool = False
+    """Deterministic kernels where torch has them (torch.use_deterministic_algorithms, warn-only;
+    cuDNN without autotuning), for the duration of ``train``. CPU kernels are deterministic already; on
+    CUDA this makes a resumed run equal the uninterrupted one bit for bit, at some speed."""
 
     # -- single-step training (beyond the paper; SINGLE_STEP_KEYS, and docs/training.md) --
     rollback_drop: float = 0.0
@@ -417,6 +436,10 @@ class RunConfig:
         _bool("run.sync_bn", self.sync_bn)
         _choice("run.precision", self.precision, PRECISIONS)
         _bool("run.attack_fp32", self.attack_fp32)
+        _bool("run.compile", self.compile)
+        _choice("run.compile_mode", self.compile_mode, COMPILE_MODES)
+        _choice("run.compile_backend", self.compile_backend, COMPILE_BACKENDS)
+        _bool("run.deterministic", self.deterministic)
         _num("run.rollback_drop", self.rollback_drop, 0.0)
         if self.rollback_drop >= 1:
             _fail("run.rollback_drop", self.rollback_drop, "a drop of validation PGD accuracy in [0, 1), "
@@ -470,6 +493,9 @@ class Config:
         info, family = model_info(self.model.name), self.data_family
         if family is not None and family != info.family:
             raise ConfigError(f"model.name={self.model.name!r} expects {info.inputs}, not {_FAMILY_NAMES[family]}")
+        if self.run.compile and self.attack.restarts != 1:
+            raise ConfigError(f"run.compile=true with attack.restarts={self.attack.restarts}: the compiled "
+                              "training attack has one start; set attack.restarts=1 or run.compile=false")
         if self.attack.carry and self.data.augment:
             raise ConfigError("attack.carry=true with data.augment=true: a carried perturbation belongs to "
                               "last epoch's crop and flip of the image, not this epoch's; set one of them false")

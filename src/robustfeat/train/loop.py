@@ -23,8 +23,17 @@ import torch
 
 from .. import distributed
 from ..attacks import accuracy, attack_from_config, start_noise
-from ..build import Splits, build_model, build_splits, check_model_fits, resolve_device, training_autocast
+from ..build import (
+    Splits,
+    build_model,
+    build_splits,
+    check_model_fits,
+    deterministic_kernels,
+    resolve_device,
+    training_autocast,
+)
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ..compiled import StepFunctions
 from ..config import Config, ConfigError, check_intent
 from ..data import DeviceLoader
 from ..methods import METHODS, method_loss
@@ -87,7 +96,8 @@ def train(
     """
     t_start = time.time()
     out = _out_path(out_dir)
-    with StopSignals() as stop:
+    deterministic = cfg.run.deterministic if isinstance(cfg, Config) else False
+    with deterministic_kernels(deterministic), StopSignals() as stop:
         try:
             run, run_json = start(cfg, out, resume=resume, data_dir=data_dir, progress=progress, splits=splits,
                                   command=command, extensions=extensions, t_start=t_start)
@@ -162,6 +172,8 @@ def _steps(run: Run, meter: Meter, tb, start_step: int, end: int, stop: StopSign
     for step in range(start_step, end):
         # batch: this step's images (a pure function of seed and step), learning rate and eps
         model.train()
+        if run.step_fns is not None:  # run.compile
+            run.step_fns.begin_step()
         lr = set_learning_rate(optimizer, learning_rate(cfg, step) * state.lr_scale)
         x, y = run.loader.batch(step)
         batch = Batch(step, x.shape, *attack_strength(cfg, step, exts), gen)
@@ -237,17 +249,21 @@ def make_adversary(run: Run, batch: Batch, x: torch.Tensor, y: torch.Tensor, adv
     batch.x, batch.y = dctx.shard(x), dctx.shard(y)
     if not adversarial:
         return
+    kw = {"generator": batch.generator, "eps": batch.eps, "step_size": batch.step_size, "noise": noise,
+          "start": start}
     with training_autocast(cfg.run, run.device, attack=True):
-        batch.x_adv = attack_from_config(run.model, batch.x, batch.y, cfg.attack, generator=batch.generator,
-                                         keep_best=False, eps=batch.eps, step_size=batch.step_size, noise=noise,
-                                         start=start)
+        if run.step_fns is not None:  # run.compile
+            batch.x_adv = run.step_fns.adversary(run.model, batch.x, batch.y, cfg.attack, **kw)
+        else:
+            batch.x_adv = attack_from_config(run.model, batch.x, batch.y, cfg.attack, keep_best=False, **kw)
     for ext in run.extensions:
         ext.after_attack(run, batch)
 
 
 def total_loss(run: Run, batch: Batch, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The method's loss plus every extension's term; the parts to log."""
-    loss, parts = method_loss(run.model, batch.x, batch.x_adv, batch.y, lam)
+    loss_fn = method_loss if run.step_fns is None else run.step_fns.loss  # run.compile
+    loss, parts = loss_fn(run.model, batch.x, batch.x_adv, batch.y, lam)
     for ext in run.extensions:
         extra = ext.extra_loss(run, batch)
         if extra is not None:
@@ -423,7 +439,7 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
     )
     run = Run(cfg=cfg, out_dir=out_dir, dctx=dctx, model=model, optimizer=make_optimizer(cfg, model),
               splits=splits, loader=loader, state=TrainState(), log=None, extensions=exts, progress=progress,
-              t_start=t_start)
+              t_start=t_start, step_fns=StepFunctions(cfg.run) if cfg.run.compile else None)
     for ext in exts:
         ext.setup(run)
     if last_meta is not None:

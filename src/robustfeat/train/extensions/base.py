@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from ...build import Splits
 from ...checkpoint import load_into
+from ...compiled import StepFunctions
 from ...config import Config
 from ...distributed import Dist
 from ..state import TrainState
@@ -110,6 +111,8 @@ class Run:
     last_val: dict[str, float] = field(default_factory=dict)
     saved_step: int = 0
     """The step the ``last`` checkpoint holds (as far as this session knows)."""
+    step_fns: StepFunctions | None = None
+    """With ``run.compile``: the compiled adversary and loss of a step (None: the eager functions)."""
 
     def __post_init__(self) -> None:
         if self.evaluated is None:

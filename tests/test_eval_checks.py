@@ -142,7 +142,8 @@ def test_restarts_row_is_its_single_start_row_and_the_extra_starts(tiny):
 def test_suites_have_the_new_rows():
     ids = lambda rows: [r.id for r in rows]
     quick = ids(suite_rows("quick", eps=EPS, step_size=STEP))
-    paper = ids(suite_rows("paper", eps=0.3, step_size=0.01, extra_pgd_steps=[40]))
+    paper = ids(suite_rows("paper", eps=0.3, step_size=0.01, extra_pgd_steps=[40], headline=40))
+    assert "restarts/pgd-20-x5" in ids(suite_rows("paper", eps=0.3, step_size=0.01, extra_pgd_steps=[40]))
     full = ids(suite_rows("full", eps=EPS, step_size=STEP, transfer=True))
     assert not any(i.startswith(("restarts", "transfer")) or "targeted" in i for i in quick)
     assert "restarts/pgd-40-x5" in paper and "whitebox/targeted-100" not in paper

@@ -191,6 +191,7 @@ def evaluate_external(
     res, idx = evaluate_test_set(
         model, data.x_test, data.y_test, n=QUICK_N if n is None and suite == "quick" else n, seed=seed, out=out,
         eps=eps, step_size=step_size, suite=suite, source=src_model, transfer=tr_model, extra_pgd_steps=extra,
+        headline=extra[0] if extra else None,
         restarts=restarts, batch_size=batch_size, device=dev, progress=progress, curves=curves,
         num_classes=data.num_classes)
     res.update(model=ident, source=src_ident, transfer_source=tr_ident, paper=None)

@@ -106,6 +106,7 @@ def evaluate_run(
     res, idx = evaluate_test_set(
         model, splits.x_test, splits.y_test, n=n, seed=seed, out=out, eps=eps, step_size=step_size, suite=suite,
         rows=rows, source=src_model, transfer=tr_model, extra_pgd_steps=_extra_pgd_steps(cfg, suite),
+        headline=cfg.eval_attack.steps if cfg.eval_attack.loss == "ce" else None,
         restarts=restarts, batch_size=batch_size, device=dev, channels_last=cfg.run.channels_last,
         progress=progress, curves=curves, num_classes=shape["num_classes"])
     res["model"] = ident

@@ -126,9 +126,22 @@ class Row:
         return g + (self.targets,) if self.targets else g  # untargeted rows keep their seeds of before
 
 
-def headline_steps(extra_pgd_steps: Sequence[int] = ()) -> int:
-    """The suite's main PGD step count: the preset's own (PGD-40 on MNIST, PGD-20 on CIFAR), else 20."""
-    return max(extra_pgd_steps) if extra_pgd_steps else HEADLINE_STEPS
+def headline_steps(pgd_steps: Sequence[int], headline: int | None = None) -> int:
+    """The suite's main PGD step count (the restarts row, the transfer row and the eps curve use it):
+    ``headline`` when given (the preset's own: PGD-40 on MNIST, PGD-20 on CIFAR), else 20 if the suite
+    has PGD-20, else its longest PGD row."""
+    if headline:
+        return int(headline)
+    return HEADLINE_STEPS if HEADLINE_STEPS in pgd_steps or not pgd_steps else max(pgd_steps)
+
+
+def suite_pgd_steps(suite: str, extra_pgd_steps: Sequence[int] = (), headline: int | None = None) -> list[int]:
+    """The white-box PGD step counts of a suite (the headline's among them)."""
+    if suite == "quick":
+        steps = set(extra_pgd_steps) or {HEADLINE_STEPS}
+    else:
+        steps = set(PGD_STEPS) | set(extra_pgd_steps)
+    return sorted(k for k in steps | ({int(headline)} if headline else set()) if k > 0)
 
 
 def suite_rows(
@@ -141,25 +154,24 @@ def suite_rows(
     extra_pgd_steps: Sequence[int] = (),
     restarts: int = 1,
     large_eps: float = LARGE_EPS,
+    headline: int | None = None,
 ) -> list[Row]:
     """The rows of a named suite.
 
     quick: natural, PGD at ``extra_pgd_steps`` (the preset's validation attack) or PGD-20, CW-30.
     paper: natural, PGD-5/20/100/200 (+ ``extra_pgd_steps``, e.g. MNIST's PGD-40), CW-30/100, the
-    headline PGD with EXTRA_RESTARTS more random starts (the restarts check), and a large-eps PGD sanity
-    row. full: paper + targeted PGD (top TARGETS classes) + AutoAttack. Black-box rows repeat the
-    white-box PGD and CW attacks on a source model when ``black_box``; ``transfer`` adds the headline
-    PGD crafted on a natural model. Every suite gets the worst-case row from ``evaluate_model``.
+    headline PGD (``headline_steps``) with EXTRA_RESTARTS more random starts (the restarts check), and a
+    large-eps PGD sanity row. full: paper + targeted PGD (top TARGETS classes) + AutoAttack. Black-box
+    rows repeat the white-box PGD and CW attacks on a source model when ``black_box``; ``transfer`` adds
+    the headline PGD crafted on a natural model. Every suite gets the worst-case row from ``evaluate_model``.
     """
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
     AttackConfig(eps=eps, step_size=step_size, restarts=restarts)  # validates the values
-    if suite == "quick":
-        pgd_steps, cw_steps = sorted(set(extra_pgd_steps) or {20}), [30]
-    else:
-        pgd_steps, cw_steps = sorted(set(PGD_STEPS) | set(extra_pgd_steps)), list(CW_STEPS)
-    attacks = [("ce", k) for k in pgd_steps if k > 0] + [("cw", k) for k in cw_steps]
-    head = headline_steps(extra_pgd_steps)
+    pgd_steps = suite_pgd_steps(suite, extra_pgd_steps, headline)
+    cw_steps = [30] if suite == "quick" else list(CW_STEPS)
+    attacks = [("ce", k) for k in pgd_steps] + [("cw", k) for k in cw_steps]
+    head = headline_steps(pgd_steps, headline)
     rows = [Row("natural")]
     for kind in ("whitebox", "blackbox") if black_box else ("whitebox",):
         rows += [Row(kind, loss, k, eps, step_size, restarts) for loss, k in attacks]
@@ -226,13 +238,15 @@ def evaluate_model(
     state_dir: str | Path | None = None,
     curves: bool = False,
     num_classes: int | None = None,
+    headline: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` ([0, 1] images -> logits) on (x, y) with a suite's rows.
 
     ``x``: uint8 (N, C, H, W) or float in [0, 1]; ``y``: (N,) labels. ``source``: the model black-box
     adversaries are crafted on (adds black-box rows); ``transfer``: a natural model to craft the transfer
     row on. ``rows`` overrides ``suite``. ``curves``: also accuracy against eps and against PGD steps
-    (``robustfeat.eval.curves``). ``num_classes``: the logits' expected width (checked). ``autoattack_dir``:
+    (``robustfeat.eval.curves``). ``num_classes``: the logits' expected width (checked). ``headline``: the
+    main PGD step count (``headline_steps``; evaluate_run passes the preset's). ``autoattack_dir``:
     where AutoAttack keeps finished chunks so an interrupted evaluation resumes. ``state_dir``: where
     the PGD / CW rows keep each finished batch's results, so an interrupted PGD-200 over a whole test
     set resumes at the first unfinished batch (results are identical: each batch's attack noise is a
@@ -247,7 +261,7 @@ def evaluate_model(
     if rows is None:
         rows = suite_rows(suite, eps=eps, step_size=step_size, black_box=source is not None,
                           transfer=transfer is not None, extra_pgd_steps=extra_pgd_steps, restarts=restarts,
-                          large_eps=large_eps)
+                          large_eps=large_eps, headline=headline)
     rows = list(rows)
     _check_models_for_rows(rows, source, transfer)
     n = len(y)
@@ -265,15 +279,16 @@ def evaluate_model(
         ctx.clean = cp.correct
         ctx.seconds[Row("natural")] = time.time() - t0
         rows = ctx.rows = [replace(r, targets=min(r.targets, cp.num_classes - 1)) if r.targets else r for r in rows]
-        plan = _CurvePlan(eps, step_size, headline_steps(extra_pgd_steps), restarts) if curves else None
+        pgd_steps = [r.steps for r in rows if r.kind == "whitebox" and r.loss == "ce"]
+        plan = _CurvePlan(eps, step_size, headline_steps(pgd_steps, headline), restarts) if curves else None
         _run_rows(ctx, [r for r in rows if r.kind in ATTACK_KINDS] + (plan.rows() if plan else []))
-        if any(r.kind == "autoattack" for r in rows):
+        for aa in (r for r in rows if r.kind == "autoattack"):
             t0 = time.time()
-            ctx.flags[Row("autoattack", eps=eps)] = run_autoattack(
-                model, x, y, ctx.clean, eps=eps, seed=seed, batch_size=batch_size, device=device,
+            ctx.flags[aa] = run_autoattack(
+                model, x, y, ctx.clean, eps=aa.eps, seed=seed, batch_size=batch_size, device=device,
                 channels_last=channels_last, state_dir=autoattack_dir, progress=progress,
                 fingerprint=model_fingerprint(model), num_classes=cp.num_classes)
-            ctx.seconds[Row("autoattack", eps=eps)] = time.time() - t0
+            ctx.seconds[aa] = time.time() - t0
         if plan is not None:
             curve_result = plan.finish(ctx, cp.num_classes)
     ctx.flags[Row("natural")] = ctx.clean
@@ -461,7 +476,8 @@ def _run_group(ctx: _Context, members: list[Row]) -> None:
                 ctx.cache.save(path, batch_ok)
         for k, ok in batch_ok.items():
             robust[k][i + idx] = ok
-    per_row = (time.time() - t0) / len(members)
+    reported = [r for r in members if r in ctx.rows]  # the curves' extra budgets cost (almost) nothing more
+    per_row = (time.time() - t0) / max(len(reported), 1)
     for r in members:
         ctx.flags[r], ctx.seconds[r] = robust[r.steps], per_row
 

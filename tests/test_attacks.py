@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from robustfeat.attacks import InvalidAdversary, attack_mode, check_adversary, cw_margin_loss, pgd
+from robustfeat.attacks import (
+    InvalidAdversary,
+    attack_mode,
+    check_adversary,
+    cw_margin_loss,
+    pgd,
+    pgd_budgets,
+)
 from robustfeat.models import create_model
 
 
@@ -241,3 +248,81 @@ def test_an_explicit_start_replaces_the_random_one():
         pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start=start[:4])
     with pytest.raises(ValueError, match="2 restarts"):
         pgd(model, x, y, eps=eps, step_size=alpha, steps=1, start=start, restarts=2)
+
+
+class CountingModel(nn.Module):
+    """Counts the examples it is asked to compute (forward passes, summed over batch sizes)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.examples = inner, 0
+
+    def forward(self, x):
+        self.examples += x.shape[0]
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_pruned_pgd_gives_the_same_adversaries_for_less_work(restarts):
+    """prune=True stops computing an example once it is misclassified: with keep-best its adversary is then
+    fixed, so every budget's adversaries are those of the full run, and far fewer examples are computed."""
+    torch.manual_seed(0)
+    model = CountingModel(create_model("mnist_cnn", num_classes=10, in_channels=1).eval())
+    x = torch.rand(32, 1, 28, 28)
+    y = model(x).argmax(1)
+    kw = {"eps": 0.05, "step_size": 0.005, "budgets": [1, 3, 10, 30], "restarts": restarts}
+    model.examples = 0
+    full = pgd_budgets(model, x, y, generator=torch.Generator().manual_seed(1), **kw)
+    work_full, model.examples = model.examples, 0
+    pruned = pgd_budgets(model, x, y, generator=torch.Generator().manual_seed(1), prune=True, **kw)
+    robust = []
+    for k in kw["budgets"]:
+        assert torch.equal(pruned[k], full[k]), k
+        check_adversary(x, pruned[k], kw["eps"])
+        robust.append(model(pruned[k]).argmax(1) == y)
+    assert robust[0].all() and robust[-1].float().mean() < 0.1  # budgets the attack really separates
+    assert model.examples < 0.6 * work_full
+
+
+def test_pruning_applies_only_where_it_is_exact():
+    """Without keep-best the last iterate counts, and with batch statistics (bn_mode="train") a dropped
+    example would change the others' logits: prune is then ignored and nothing changes."""
+    torch.manual_seed(0)
+    model = CountingModel(create_model("resnet", num_classes=10, in_channels=3, widths=[4, 4, 8, 8], num_units=1))
+    x = torch.rand(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    for extra in ({"keep_best": False}, {"bn_mode": "train"}):
+        kw = {"eps": 8 / 255, "step_size": 2 / 255, "steps": 3, **extra}
+        model.examples = 0
+        a = pgd(model, x, y, generator=torch.Generator().manual_seed(0), **kw)
+        work, model.examples = model.examples, 0
+        b = pgd(model, x, y, generator=torch.Generator().manual_seed(0), prune=True, **kw)
+        assert torch.equal(a, b) and model.examples == work, extra
+
+
+def test_targeted_pgd_stays_in_the_threat_model_and_more_steps_never_help_the_defender():
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn", num_classes=10, in_channels=1).eval()
+    x = torch.rand(32, 1, 28, 28)
+    y = model(x).argmax(1)
+    target = (y + 1) % 10
+    eps = 0.05
+    advs = pgd_budgets(model, x, y, eps=eps, step_size=0.005, budgets=[1, 3, 10, 30], loss="targeted",
+                       target=target, generator=torch.Generator().manual_seed(2), prune=True)
+    robust, margin = [], []
+    for xa in advs.values():
+        check_adversary(x, xa, eps)
+        with torch.no_grad():
+            z = model(xa)
+        robust.append(z.argmax(1) == y)
+        margin.append((z.gather(1, target[:, None]) - z.gather(1, y[:, None])).mean().item())
+    assert robust[0].float().mean() > robust[-1].float().mean()
+    for fewer, more in itertools.pairwise(robust):
+        assert not (more & ~fewer).any()
+    with torch.no_grad():
+        z0 = model(x)
+    assert margin[0] > (z0.gather(1, target[:, None]) - z0.gather(1, y[:, None])).mean().item()
+    with pytest.raises(ValueError, match=r"needs target: one class per example, shape \(32,\)"):
+        pgd_budgets(model, x, y, eps=eps, step_size=0.01, budgets=[1], loss="targeted")
+    with pytest.raises(ValueError, match="target is for loss='targeted' only"):
+        pgd_budgets(model, x, y, eps=eps, step_size=0.01, budgets=[1], target=target)

@@ -62,3 +62,23 @@ def test_flop_count_of_a_linear_layer():
     x = torch.randn(3, 8, requires_grad=True)
     # forward 2*3*8*4; input gradient only (as PGD asks) another 2*3*4*8
     assert count_flops(lambda: torch.autograd.grad(lin(x).sum(), x)) == 2 * (2 * 3 * 8 * 4)
+
+
+def test_suite_throughput_on_a_trained_run(tmp_path, capsys):
+    """--suite-run times whole evaluation suites on a trained run: examples/s, accuracies, row times."""
+    from test_suite import TINY as TRAIN_TINY
+
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "mnist-at", "--out", str(run), "--quiet", "data.name=mnist-sample",
+                 *TRAIN_TINY]) == 0
+    capsys.readouterr()
+    assert main(["bench", "--presets", "", "--matmul-size", "0", "--suite-run", str(run), "--suites", "quick,paper",
+                 "--suite-n", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cases"] == [] and "--suite-run" in report["command"]
+    quick, paper = report["suites"]
+    for s in (quick, paper):
+        assert s["n"] == 6 and s["examples_per_s"] > 0 and 0 <= s["robust_acc"] <= s["clean_acc"] <= 1
+    assert (quick["suite"], paper["suite"]) == ("quick", "paper")
+    assert paper["seconds"] > 0 and all(k.startswith(("natural", "whitebox", "restarts", "sanity"))
+                                        for k in paper["row_seconds"])

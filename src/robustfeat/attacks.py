@@ -1,7 +1,8 @@
 """l_inf attacks as pure functions of (model, images, labels, settings), shared by training and evaluation.
 
 One PGD loop serves every attack of the paper: PGD-k with the cross-entropy loss, "CW-k" (PGD on the
-CW margin loss, as the robustness literature uses the name) and FGSM with random start (steps=1).
+CW margin loss, as the robustness literature uses the name) and FGSM with random start (steps=1), and
+the evaluation's targeted PGD (the margin of a chosen wrong class over the true one).
 The attack only ever asks for gradients with respect to the input, so the parameters' gradients are
 never computed, and it never touches BatchNorm running statistics (see ``attack_mode``).
 
@@ -46,6 +47,17 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPP
     mask = F.one_hot(y, logits.shape[1]).bool()
     other = logits.masked_fill(mask, float("-inf")).amax(dim=1)
     return -F.relu(true - other + kappa)
+
+
+TARGETED = "targeted"
+"""The loss name of targeted PGD (``pgd_budgets(..., loss=TARGETED, target=...)``); not a config choice."""
+
+
+def targeted_margin_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-example z_target - z_y, (B,); maximised, it lifts the target class above the true one.
+    Unclipped: PGD's sign step does not depend on its scale, and the iterate is counted as soon as any
+    wrong class wins (keep-best), target or not."""
+    return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
 
 
 @contextlib.contextmanager
@@ -118,7 +130,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, **opt
         steps: PGD iterations (0: the clean images); ``options`` are those of ``pgd_budgets``:
             eps, step_size (required), restarts=1, random_start=True, loss="ce" (or "cw"),
             bn_mode="eval" (see ``attack_mode``), generator=None, keep_best=True, noise=None,
-            start_scale=1.0, project=True, clip_start=True, start=None.
+            start_scale=1.0, project=True, clip_start=True, start=None, target=None, prune=False.
         x: clean images in [0, 1], (B, C, H, W); y: labels (B,).
         restarts: independent random starts; per example the adversary that fools the model is kept.
         keep_best: record, per example, the first iterate that is misclassified and return it even if
@@ -134,6 +146,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, **opt
             [0, 1]. Every returned iterate is clipped either way.
         start: an explicit starting perturbation (B, C, H, W) in place of the random start (one restart;
             training's ``attack.carry``). It is added as given: the caller keeps it within eps.
+        target: with ``loss="targeted"``, the class (B,) each example is pushed towards.
+        prune: stop computing an example once it is misclassified (AutoAttack's cascade, inside one run).
+            With ``keep_best`` its adversary for every budget is then fixed, so this changes no result;
+            it applies only with keep_best and bn_mode="eval" (batch statistics would let the dropped
+            examples change the others' logits). The results equal the unpruned run's up to
+            floating-point differences between batch sizes.
     Returns:
         x_adv, detached, with |x_adv - x|_inf <= eps and pixels in [0, 1].
     """
@@ -161,6 +179,8 @@ def pgd_budgets(
     project: bool = True,
     clip_start: bool = True,
     start: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    prune: bool = False,
 ) -> dict[int, torch.Tensor]:
     """{k: the adversary of ``pgd(..., steps=k)``} for every k in ``budgets``, from one run.
 
@@ -170,7 +190,7 @@ def pgd_budgets(
     iterate among x_0..x_k, else (or if none) x_k; across restarts, an example keeps the first restart
     that fools the model. PGD-5, 20, 100 and 200 thus cost 200 steps, not 325.
     """
-    loss_fn = LOSSES.get(loss)
+    loss_fn = _loss_function(loss, target, len(y))
     x = x.detach()
     budgets = sorted({int(k) for k in budgets})
     if not budgets or budgets[0] < 1:
@@ -184,20 +204,74 @@ def pgd_budgets(
     track = keep_best or restarts > 1 or len(budgets) > 1
     noise = _start_draws(x, restarts, track, random_start, clip_start, noise, start, generator)
     fooled = {k: torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for k in budgets}
+    prune = prune and keep_best and bn_mode == "eval"
     with attack_mode(model, bn_mode):
         for r in range(restarts):
+            # with pruning, a restart attacks only the examples no earlier restart fooled at every budget
+            idx = (~fooled[budgets[0]]).nonzero().squeeze(1) if prune and r > 0 else None
+            if idx is not None and len(idx) == 0:
+                break
             x_adv = _start_point(x, None if noise is None else noise[r], start, eps * start_scale, clip_start)
+            sub = _Subset(idx, x, y, target)
             for t in range(top + 1):
                 if t == top and not track:
                     results[top] = x_adv
                     break
-                logits, grad, x_adv = _forward(model, loss_fn, x_adv, y, with_grad=t < top)
+                logits, grad, xa = _forward(model, loss_fn, sub.take(x_adv), sub.y, sub.target, with_grad=t < top)
+                if sub.idx is None:
+                    x_adv = xa  # detached
                 if track:
-                    _record(logits.detach().argmax(1) != y, t, x_adv, budgets, keep_best, fooled, results)
+                    wrong = logits.detach().argmax(1) != sub.y
+                    _record(sub.spread(wrong), t, x_adv, budgets, keep_best, fooled, results)
                 if grad is not None:
-                    x_adv = x_adv + step_size * grad.sign()
-                    x_adv = _project(x_adv, x, eps) if project else x_adv.clamp_(0.0, 1.0)
+                    xa = xa + step_size * grad.sign()
+                    xa = _project(xa, sub.x, eps) if project else xa.clamp_(0.0, 1.0)
+                    x_adv = sub.put(x_adv, xa)
+                if prune and bool(wrong.any()):  # the fooled are done: their adversary is fixed
+                    sub = _Subset(sub.keep(~wrong), x, y, target)
+                    if len(sub.idx) == 0:
+                        break
     return {k: v.detach() for k, v in results.items()}
+
+
+def _loss_function(loss: str, target: torch.Tensor | None, n: int) -> Callable:
+    """The per-example loss PGD maximises: a registered name, or TARGETED with its (B,) targets."""
+    if loss == TARGETED:
+        if target is None or tuple(target.shape) != (n,):
+            raise ValueError(f"loss={TARGETED!r} needs target: one class per example, shape ({n},)")
+        return targeted_margin_loss
+    if target is not None:
+        raise ValueError(f"target is for loss={TARGETED!r} only, not loss={loss!r}")
+    return LOSSES.get(loss)
+
+
+class _Subset:
+    """The examples a PGD step still computes (``idx``; None: all of them), and how their results go
+    back into the whole batch."""
+
+    def __init__(self, idx, x, y, target):
+        self.idx, self.n = idx, len(y)
+        self.x = x if idx is None else x[idx]
+        self.y = y if idx is None else y[idx]
+        self.target = target if idx is None or target is None else target[idx]
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        return full if self.idx is None else full[self.idx]
+
+    def spread(self, part: torch.Tensor) -> torch.Tensor:
+        """A per-example mask of the computed examples as one of the whole batch (False elsewhere)."""
+        if self.idx is None:
+            return part
+        return torch.zeros(self.n, dtype=part.dtype, device=part.device).index_copy_(0, self.idx, part)
+
+    def put(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        return part if self.idx is None else full.index_copy(0, self.idx, part)
+
+    def keep(self, mask: torch.Tensor) -> torch.Tensor:
+        """The indices (into the whole batch) of the computed examples where ``mask`` holds."""
+        if self.idx is None:
+            return mask.nonzero().squeeze(1)
+        return self.idx[mask]
 
 
 def _start_draws(x, restarts, track, random_start, clip_start, noise, start, generator) -> torch.Tensor | None:
@@ -228,14 +302,15 @@ def _start_point(x, noise, start, radius: float, clip_start: bool) -> torch.Tens
     return x_adv
 
 
-def _forward(model, loss_fn, x_adv, y, with_grad: bool):
+def _forward(model, loss_fn, x_adv, y, target, with_grad: bool):
     """(logits, the loss's input gradient or None, x_adv detached) at one iterate."""
     if not with_grad:
         with torch.no_grad():
             return model(x_adv), None, x_adv
     x_adv.requires_grad_(True)
     logits = model(x_adv)
-    (grad,) = torch.autograd.grad(loss_fn(logits.float(), y).sum(), x_adv)
+    loss = loss_fn(logits.float(), y) if target is None else loss_fn(logits.float(), y, target)
+    (grad,) = torch.autograd.grad(loss.sum(), x_adv)
     return logits, grad, x_adv.detach()
 
 

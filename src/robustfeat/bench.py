@@ -32,8 +32,14 @@ same arithmetic). ``--profile`` adds the operator profile of one step of the fir
 On CUDA every row also reports the peak memory torch allocated (``max_memory_mib``), and the report
 records whether TF32 is allowed for matmuls and cuDNN (PyTorch's defaults: no and yes).
 
+**suites** (``--suite-run RUN_DIR``): throughput of whole evaluation suites (``--suites paper,full``)
+on a trained run's checkpoint and ``--suite-n`` of its test images, as ``robustfeat eval`` runs them.
+A trained model is needed because the suites' attacks stop on examples once they are broken (an
+untrained model falls in a step or two), so the rate depends on how robust the model is: the report
+gives clean and robust accuracy beside it, and each row's share of the time.
+
 Data are synthetic uint8 images of the dataset's shape (speed does not depend on pixel values, and
-no download is needed). Results: ``--json`` prints JSON; ``--out results/bench`` writes
+no download is needed), except for the suites. Results: ``--json`` prints JSON; ``--out results/bench`` writes
 ``<device>-<date>.json`` and ``.md`` with the command, machine, revision and date.
 """
 
@@ -484,6 +490,25 @@ def bench_case(preset: str, device, *, variants, warmup: int, repeats: int, step
     return case
 
 
+def bench_suites(run_dir: str, suites: list[str], n: int, device, seed: int = 0) -> list[dict[str, Any]]:
+    """Examples/s of each evaluation suite on ``n`` test images of a trained run (the suite's own time:
+    loading the run and data excluded); nothing is kept, every suite starts from nothing."""
+    import tempfile
+
+    from .eval.run import evaluate_run
+
+    out = []
+    for suite in suites:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = evaluate_run(run_dir, suite=suite, n=n, device=str(device), progress=False, out_dir=tmp, seed=seed)
+        sec = res["settings"]["seconds"]
+        out.append({"suite": suite, "run": str(run_dir), "n": res["n"], "seconds": sec,
+                    "examples_per_s": round(res["n"] / sec, 3) if sec else None, "clean_acc": res["clean_acc"],
+                    "robust_acc": res.get("robust_acc"),
+                    "row_seconds": {r["id"]: r["seconds"] for r in res["rows"] if r["seconds"]}})
+    return out
+
+
 def profile_step(preset: str, device, overrides: list[str], row_limit: int = 20) -> str:
     """torch.profiler table (self time) of 3 steps of our training step, after 2 warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -585,6 +610,11 @@ def run_bench(args) -> dict[str, Any]:
                                 overrides=list(args.set or []),
                                 peak_bf16=mm16["gflops"]["median"] if mm16 else None))
     report["cases"] = cases
+    if getattr(args, "suite_run", None):
+        suites = [x.strip() for x in (args.suites or "paper,full").split(",") if x.strip()]
+        if not args.json:
+            print(f"[bench] suites {', '.join(suites)} on {args.suite_run} ...", file=sys.stderr, flush=True)
+        report["suites"] = bench_suites(args.suite_run, suites, args.suite_n or 200, device)
     if args.profile and presets:
         report["profile"] = {"preset": presets[0], "table": profile_step(presets[0], device, _overrides(args))}
     return report
@@ -632,6 +662,9 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for sr in report.get("suites", []):
+        lines.append(f"eval suite {sr['suite']} on {sr['n']} test images of {sr['run']}: {sr['examples_per_s']} "
+                     f"examples/s ({sr['seconds']} s; clean {sr['clean_acc']:.2%}, robust {sr['robust_acc']:.2%})")
     lines.append("")
     lines.append("MFLOP/ex: the variant's own matmul+conv work per example; GFLOP/s and % matmul: useful work "
                  "(our step's FLOPs) per second, against the fp32 matmul rate (% bf16 mm: against the bf16 "

@@ -9,7 +9,8 @@ import sys
 from ..bench import ALL_VARIANTS, DEFAULT_PRESETS, DEFAULT_VARIANTS, format_table, run_bench, write_results
 
 _OPTIONS = ("presets", "variants", "warmup", "repeats", "steps", "batch", "attack_steps", "eval_steps",
-            "no_eval", "data_size", "workers", "matmul_size", "device", "threads", "set", "profile", "json", "out")
+            "no_eval", "data_size", "workers", "matmul_size", "device", "threads", "set", "profile", "json", "out",
+            "suite_run", "suites", "suite_n")
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -70,6 +71,10 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every case")
     s.add_argument("--profile", action="store_true", help="add the operator profile of the first case's step")
+    s.add_argument("--suite-run", metavar="RUN_DIR",
+                   help="also time whole evaluation suites on this trained run's checkpoint and test images")
+    s.add_argument("--suites", help="suites timed with --suite-run (default paper,full)")
+    s.add_argument("--suite-n", type=int, help="test images per suite with --suite-run (default 200)")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--out", metavar="DIR", help="also write DIR/<device>-<date>.json and .md")
     s.set_defaults(func=cmd_bench)

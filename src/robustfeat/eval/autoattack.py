@@ -47,8 +47,11 @@ def run_autoattack(
     progress: bool = True,
     fingerprint: str = "",
     chunk: int = CHUNK,
+    num_classes: int | None = None,
 ) -> torch.Tensor:
-    """Per example: robust under AutoAttack (standard, l_inf ``eps``) and correct on the clean image."""
+    """Per example: robust under AutoAttack (standard, l_inf ``eps``) and correct on the clean image.
+    ``num_classes`` below 10 caps APGD-T's and FAB-T's 9 target classes at num_classes - 1 (AutoAttack
+    fails with more targets than wrong classes)."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as e:  # pragma: no cover - it is a dependency
@@ -60,6 +63,9 @@ def run_autoattack(
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed % 2**31)
+    if num_classes is not None:
+        aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, num_classes - 1)
+        aa.fab.n_target_classes = min(aa.fab.n_target_classes, num_classes - 1)
     for start in batch_starts(n, chunk, desc="AutoAttack", unit="chunk", progress=progress):
         idx = clean[start : start + chunk].nonzero().squeeze(1) + start
         if len(idx) == 0:

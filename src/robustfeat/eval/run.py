@@ -4,9 +4,11 @@ and the files it writes.
 Outputs go to RUN_DIR/eval/ (``out_dir`` changes it): eval.json (every number, the settings, the
 model's identity, n and 95% Wilson intervals), eval.md (the paper's layout, with the published
 numbers beside ours when the run comes from a paper preset), eval.csv, per_example.safetensors (one
-robust/not flag per example and row, plus the evaluated test indices), autoattack/ (finished
-AutoAttack chunks) and state/ (finished PGD batches), so an interrupted evaluation resumes. Every
-file is written atomically (``robustfeat.checkpoint.atomic_write_bytes``).
+robust/not flag per example and row, plus the evaluated test indices), curve_eps.csv/.png and
+curve_steps.csv/.png with ``curves``, autoattack/ (finished AutoAttack chunks) and state/ (finished
+PGD batches), so an interrupted evaluation resumes. Every file is written atomically
+(``robustfeat.checkpoint.atomic_write_bytes``). ``evaluate_test_set`` and ``finish`` are shared with
+``eval.external`` (models defined outside robustfeat).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..config import AttackConfig, ConfigError, load_config
 from ..data import DataError
 from ..seeding import derived_seed
 from .checks import check_settings, independent_source_check, masking_suspected
+from .curves import write_curves
 from .load import checkpoint_path, load_run, run_identity
 from .paper import paper_results
 from .report import render_csv, render_markdown
@@ -53,6 +56,8 @@ def evaluate_run(
     which: str = "best",
     source: str | os.PathLike | None = None,
     source_which: str = "best",
+    transfer_from: str | os.PathLike | None = None,
+    transfer_which: str = "best",
     n: int | None = None,
     data_dir: str | None = None,
     attack: AttackConfig | None = None,
@@ -65,6 +70,7 @@ def evaluate_run(
     seed: int = 0,
     progress: bool = True,
     out_dir: str | os.PathLike | None = None,
+    curves: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on the test set and write RUN_DIR/eval/; returns the result.
 
@@ -72,23 +78,26 @@ def evaluate_run(
     'quick', 'paper' or 'full': the suite of ``robustfeat eval`` (``rows`` instead: custom rows).
     ``n``: a fixed seeded subset (default: 1000 for quick, the whole test set otherwise).
     ``source``: another run directory (same preset, other seed) for the black-box rows.
+    ``transfer_from``: a naturally trained run directory (same dataset) for the transfer row.
     ``eps`` / ``step_size``: the suite's radius and step (default ``attack``'s, else the preset's).
-    The result has ``clean_acc``, ``pgd_acc`` and ``attack`` besides the suite's rows and checks.
+    ``curves``: also accuracy against eps and PGD steps (curve_eps/curve_steps .csv and .png).
+    The result has ``clean_acc``, ``pgd_acc``, ``robust_acc`` (the worst case) and ``attack`` besides
+    the suite's rows and checks.
     """
-    if rows is None and suite is not None and suite not in SUITES:
-        raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+    check_suite(suite, rows)
     # settings first: nothing is loaded, computed or written for what cannot be meant
     check_settings(eps=eps, step_size=step_size, restarts=restarts, batch_size=batch_size, seed=seed, n=n)
     checkpoint_path(run_dir, which)  # the run (a file given as one, no weights) before its output folder
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     _check_writable(out)
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    dev = device_of(device)
+
     model, cfg, meta = load_run(run_dir, which, dev)
     ident = run_identity(run_dir, which, cfg, meta)
-    src_model, src_ident = _load_source(source, source_which, dev, cfg, meta, ident)
+    shape = _shape(meta)
+    src_model, src_ident = load_other_run(source, source_which, dev, ident, cfg.data.name, shape, "black-box source")
+    tr_model, tr_ident = load_other_run(transfer_from, transfer_which, dev, ident, cfg.data.name, shape,
+                                        "transfer source")
     if suite is None and rows is None:  # natural + one attack
         attack = attack or cfg.eval_attack
         rows = [Row("natural"), Row("whitebox", attack.loss, attack.steps, attack.eps, attack.step_size,
@@ -103,28 +112,57 @@ def evaluate_run(
     asked = n
     if n is None and suite == "quick" and rows is None:
         n = QUICK_N
-    idx = subset_indices(len(splits.y_test), n, seed)
-    x, y = (splits.x_test, splits.y_test) if idx is None else (splits.x_test[idx], splits.y_test[idx])
-    t0 = time.time()
-    res = evaluate_model(
-        model, x, y, eps=eps, step_size=step_size, suite=suite, rows=rows, source=src_model,
-        extra_pgd_steps=_extra_pgd_steps(cfg, suite), restarts=restarts, seed=seed, batch_size=batch_size,
-        device=dev, channels_last=cfg.run.channels_last, progress=progress, autoattack_dir=out / "autoattack",
-        state_dir=out / "state")
-    res["settings"]["suite"] = suite if rows is None else "custom"
-    res["settings"]["seconds"] = round(time.time() - t0, 1)
+    res, idx = evaluate_test_set(
+        model, splits.x_test, splits.y_test, n=n, seed=seed, out=out, eps=eps, step_size=step_size, suite=suite,
+        rows=rows, source=src_model, transfer=tr_model, extra_pgd_steps=_extra_pgd_steps(cfg, suite),
+        headline=cfg.eval_attack.steps if cfg.eval_attack.loss == "ce" else None,
+        restarts=restarts, batch_size=batch_size, device=dev, channels_last=cfg.run.channels_last,
+        progress=progress, curves=curves, num_classes=shape["num_classes"])
     res["model"] = ident
     res["source"] = src_ident
-    res["subset"] = "full test set" if idx is None else f"seeded subset (seed {seed}) of {len(splits.y_test):,}"
+    res["transfer_source"] = tr_ident
     if idx is None and asked is not None and asked > len(splits.y_test):  # said, since it was not asked for
         res["subset"] += f" (--n {asked:,} is more than its {len(splits.y_test):,} images)"
-    res["indices"] = None if idx is None else idx.tolist()
+
     res["paper"] = _paper_column(cfg, eps, step_size)
     if src_ident is not None:
         res["checks"].append(independent_source_check(src_ident, ident))
         res["masking_suspected"] = masking_suspected(res["checks"])
     _legacy_keys(res, cfg)
-    _write_outputs(out, res, idx, len(y))
+    return finish(res, out, idx)
+
+
+def check_suite(suite: str | None, rows) -> None:
+    if rows is None and suite is not None and suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+
+
+def device_of(device: str) -> torch.device:
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def evaluate_test_set(model, x_test: torch.Tensor, y_test: torch.Tensor, *, n: int | None, seed: int, out: Path,
+                      **suite_options) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """``evaluate_model`` on the seeded subset of ``n`` test images (all: None), resumable under ``out``;
+    (result with its subset described, the subset's indices or None)."""
+    idx = subset_indices(len(y_test), n, seed)
+    x, y = (x_test, y_test) if idx is None else (x_test[idx], y_test[idx])
+    t0 = time.time()
+    res = evaluate_model(model, x, y, seed=seed, autoattack_dir=out / "autoattack", state_dir=out / "state",
+                         **suite_options)
+    res["settings"]["suite"] = suite_options.get("suite", "paper") if suite_options.get("rows") is None else "custom"
+    res["settings"]["seconds"] = round(time.time() - t0, 1)
+    res["subset"] = "full test set" if idx is None else f"seeded subset (seed {seed}) of {len(y_test):,}"
+    res["indices"] = None if idx is None else idx.tolist()
+    return res, idx
+
+
+def finish(res: dict[str, Any], out: Path, idx: torch.Tensor | None) -> dict[str, Any]:
+    """Write the result's files under ``out``; the result without its per-example flags."""
+    write_outputs(out, res, idx, res["n"])
     res.pop("per_example")
     res["outputs"] = str(out)
     return res
@@ -164,21 +202,28 @@ def _check_data(ds, meta: dict[str, Any], cfg) -> None:
             "trained on (--data-dir)")
 
 
-def _load_source(source, which: str, dev, cfg, meta, ident: dict):
-    """(model, identity) of the black-box source (None, None without one), refused when it is the
-    evaluated checkpoint itself or was trained on other data."""
-    if source is None:
+def _shape(meta: dict) -> dict:
+    return {k: meta["extra"].get(k) for k in ("num_classes", "in_channels", "classes")}
+
+
+def load_other_run(path, which: str, dev, ident: dict, dataset: str, shape: dict, role: str):
+    """(model, identity) of a black-box or transfer source run (None, None without one), refused when it
+    is the evaluated checkpoint itself or was trained on other data. ``shape``: the evaluated model's
+    num_classes, in_channels and classes (only the keys given are compared)."""
+    if path is None:
+
         return None, None
-    src_model, src_cfg, src_meta = load_run(source, which, dev)
-    src_ident = run_identity(source, which, src_cfg, src_meta)
-    if src_ident["sha256"] == ident["sha256"]:
-        raise CheckpointError("the black-box source is the same checkpoint as the evaluated model; "
-                              "use an independently trained copy (same preset, other seed)")
-    shape = lambda m: {k: m["extra"].get(k) for k in ("num_classes", "in_channels", "classes")}
-    if src_cfg.data.name != cfg.data.name or shape(src_meta) != shape(meta):
-        raise CheckpointError(f"the black-box source was trained on {src_cfg.data.name!r} {shape(src_meta)}, "
-                              f"the evaluated model on {cfg.data.name!r} {shape(meta)}")
-    return src_model, src_ident
+    model, cfg, meta = load_run(path, which, dev)
+    other = run_identity(path, which, cfg, meta)
+    if other["sha256"] == ident.get("sha256"):
+        raise CheckpointError(f"the {role} is the same checkpoint as the evaluated model; "
+                              + ("use an independently trained copy (same preset, other seed)"
+                                 if role.startswith("black") else "use a naturally trained model"))
+    theirs = {k: v for k, v in _shape(meta).items() if k in shape}
+    if cfg.data.name.split("-")[0] != dataset.split("-")[0] or theirs != shape:
+        raise CheckpointError(f"the {role} was trained on {cfg.data.name!r} {theirs}, the evaluated model on "
+                              f"{dataset!r} {shape}")
+    return model, other
 
 
 def _extra_pgd_steps(cfg, suite: str) -> list[int]:
@@ -226,8 +271,8 @@ def _legacy_keys(res: dict[str, Any], cfg) -> None:
                                                  "loss", "bn_mode")}}
 
 
-def _write_outputs(out: Path, res: dict[str, Any], idx: torch.Tensor | None, n: int) -> None:
-    """per_example.safetensors, eval.json, eval.md and eval.csv, each written atomically."""
+def write_outputs(out: Path, res: dict[str, Any], idx: torch.Tensor | None, n: int) -> None:
+    """per_example.safetensors, eval.json, eval.md, eval.csv and the curves' files, each written atomically."""
     flags = {k: v.to(torch.uint8).contiguous() for k, v in res["per_example"].items()}
     flags["indices"] = (idx if idx is not None else torch.arange(n)).to(torch.int64)
     atomic_write_bytes(out / "per_example.safetensors",
@@ -235,3 +280,5 @@ def _write_outputs(out: Path, res: dict[str, Any], idx: torch.Tensor | None, n: 
     atomic_write_text(out / "eval.json", to_json(res))
     atomic_write_text(out / "eval.md", render_markdown(res))
     atomic_write_text(out / "eval.csv", render_csv(res))
+    if res.get("curves"):
+        write_curves(out, res["curves"])

@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.device, pytest.mark.usefixtures("one_thread")]
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = [  # the demo preset shrunk; SGD, whose steps do not amplify rounding as Adam's do (test_distributed)
-    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6",
+    "data.train_size=400", "data.val_size=100", "optim.batch_size=20", "optim.steps=6", "optim.milestones=[]",
     "optim.name=sgd", "optim.lr=0.05",
     "attack.steps=2", "attack.step_size=0.15", "attack.eps_warmup_examples=60",
     "eval_attack.steps=2", "eval_attack.step_size=0.15",

@@ -147,7 +147,7 @@ def test_table1_end_to_end_writes_the_readme(table1):
     for p, v in aa.items():
         ev_aa = json.loads((out / f"runs/{p}-seed0/eval-autoattack/eval.json").read_text())
         assert ev_aa["n"] == 4 and [r["id"] for r in ev_aa["rows"]] == [
-            "natural", f"whitebox/pgd-{rp.run_config(rp.RunSpec(p, 0, ''), 'smoke', TINY_MNIST, None).eval_attack.steps}",
+            "natural", "worst_case", f"whitebox/pgd-{rp.run_config(rp.RunSpec(p, 0, ''), 'smoke', TINY_MNIST, None).eval_attack.steps}",
             "autoattack"]
         assert v["rows"]["autoattack"]["ours"] <= v["rows"]["natural"]["ours"]
     (d,) = s["autoattack"]["differences"]

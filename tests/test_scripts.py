@@ -147,7 +147,9 @@ def test_gpu_check_tiny_mode_runs_every_stage(tmp_path):
     # every file small, and no checkpoint left behind
     files = [p for p in out.rglob("*") if p.is_file()]
     assert max(p.stat().st_size for p in files) < 100_000
-    assert not list(out.rglob("*.safetensors")) or all(p.name == "per_example.safetensors" for p in out.rglob("*.safetensors"))
+    # (evaluation caches, state/ and autoattack/, are per-batch flags, not weights)
+    assert all(p.name == "per_example.safetensors" or p.parent.name in ("state", "autoattack")
+               for p in out.rglob("*.safetensors"))
 
 
 def test_gpu_check_usage_errors():

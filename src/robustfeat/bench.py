@@ -550,8 +550,10 @@ def check_args(args) -> tuple[list[str], list[str]]:
             raise ConfigError(f"--{name.replace('_', '-')} {v!r} is invalid: expected an integer >= {lo}")
     presets = [p.strip() for p in str(args.presets).split(",") if p.strip()]
     variants = [v.strip() for v in str(args.variants).split(",") if v.strip()]
-    if not presets or not variants:
-        raise ConfigError("--presets and --variants each need at least one name")
+    if not variants or not (presets or getattr(args, "suite_run", None)):
+        # no training preset is fine when only evaluation suites are timed (--suite-run)
+        raise ConfigError("--presets and --variants each need at least one name (--presets '' only with "
+                          "--suite-run)")
     for v in variants:
         if v not in ALL_VARIANTS:
             raise ConfigError(f"--variants: unknown variant {v!r}; known: {', '.join(ALL_VARIANTS)}")

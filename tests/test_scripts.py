@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_sign_test_p(only_a, only_b, p):
 def test_gpu_check_tiny_mode_runs_every_stage(tmp_path):
     """benchmarks/gpu_check.sh --tiny: the GPU acceptance run at toy sizes on the CPU, so it does not rot."""
     out = tmp_path / "check"
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHON"] = sys.executable
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--tiny"], env=env,
                          capture_output=True, text=True, timeout=1200, check=False)
@@ -156,3 +157,25 @@ def test_gpu_check_usage_errors():
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                          timeout=60, check=False)
     assert res.returncode == 2 and res.stderr.startswith("usage: benchmarks/gpu_check.sh OUTDIR")
+
+
+def test_gpu_check_subset_writes_a_cifar10_robustfeat_reads(tmp_path):
+    import numpy as np
+
+    from robustfeat.data import load_dataset
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    g = np.random.default_rng(0)
+    x_train, x_test = (g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for n in (20, 10))
+    np.savez(src / "cifar10_lossless.npz", x_train=x_train, y_train=np.arange(20) % 10, x_test=x_test,
+             y_test=np.arange(10), label_names=np.array([f"c{i}" for i in range(10)]))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "subset", "--data-dir", str(src),
+                          "--out", str(out), "--train", "12"], capture_output=True, text=True, timeout=120,
+                         check=False, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert res.returncode == 0, res.stderr
+    ds = load_dataset("cifar10", out, download=False)
+    assert len(ds.x_train) == 12 and len(ds.x_test) == 10 and ds.classes[3] == "c3"
+    assert np.array_equal(ds.x_train.permute(0, 2, 3, 1).numpy(), x_train[:12])
+    assert np.array_equal(ds.y_train.numpy(), np.arange(12) % 10)
+    assert "first 12 training images" in (out / "cifar10" / "SUBSET.md").read_text()

@@ -321,26 +321,36 @@ def evaluate_once(run_dir: Path, source: Path | None, n: int | None, data_dir, p
     published without weights keeps its recorded evaluation (said in the log)."""
     f = run_dir / "eval" / "eval.json"
     sha, src_sha = _best_sha(run_dir), (_best_sha(source) if source else None)
-    if f.exists():
-        try:
-            old = json.loads(f.read_text())
-            same_setup = old["settings"]["suite"] == suite and _same_sample(old, n)
-            same = same_setup and (sha is None or (old["model"]["sha256"] == sha and (
-                old.get("source") or {}).get("sha256") == src_sha))
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
-        if same:
-            _log(f"{run_dir.name}: " + ("evaluation up to date, skipped" if sha is not None else
-                                        "weights not kept; its recorded evaluation is used"), quiet)
-            return old
-    if sha is None:
-        raise CheckpointError(
-            f"{str(run_dir)!r} keeps no weights ({BEST} is missing) and no eval/eval.json of the {suite} suite "
-            f"on this sample, so it cannot be evaluated; pass another --runs to train it again")
+    old = _recorded(f, run_dir, sha, f"the {suite} suite", quiet, lambda old: (
+        old["settings"]["suite"] == suite and _same_sample(old, n)
+        and (sha is None or (old.get("source") or {}).get("sha256") == src_sha)))
+    if old is not None:
+        return old
     _log(f"{run_dir.name}: {suite} suite on {'all' if n is None else n} test images"
          + (f", black box from {source.name}" if source else ""), quiet)
     res = evaluate_run(run_dir, suite=suite, source=source, n=n, data_dir=data_dir, progress=progress)
     return json.loads(f.read_text()) if f.exists() else res
+
+
+def _recorded(f: Path, run_dir: Path, sha: str | None, what: str, quiet: bool, matches) -> dict | None:
+    """The result recorded in ``f`` when ``matches`` it and it was computed on the run's current ``best``
+    (sha256 ``sha``; None: a finished run published without weights, whose record is used as it is).
+    None: compute it again. A run without weights and without a matching record is refused."""
+    if f.exists():
+        try:
+            old = json.loads(f.read_text())
+            same = (sha is None or old["model"]["sha256"] == sha) and matches(old)
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            _log(f"{run_dir.name}: " + (f"{what} up to date, skipped" if sha is not None else
+                                        f"weights not kept; its recorded {what} is used"), quiet)
+            return old
+    if sha is None:
+        raise CheckpointError(
+            f"{str(run_dir)!r} keeps no weights ({BEST} is missing) and no {f.parent.name}/{f.name} of {what} "
+            "on this sample, so it cannot be evaluated; pass another --runs to train it again")
+    return None
 
 
 def autoattack_once(run_dir: Path, cfg, n: int, data_dir, progress: bool, quiet: bool) -> dict:
@@ -349,22 +359,10 @@ def autoattack_once(run_dir: Path, cfg, n: int, data_dir, progress: bool, quiet:
     to RUN_DIR/eval-autoattack/ and skipped when that holds it for the same checkpoint and sample."""
     out = run_dir / AUTOATTACK_DIR
     f = out / "eval.json"
-    sha = _best_sha(run_dir)
-    if f.exists():
-        try:
-            old = json.loads(f.read_text())
-            same = (sha is None or old["model"]["sha256"] == sha) and _same_sample(old, n) and any(
-                r["id"] == "autoattack" for r in old["rows"])
-        except (OSError, ValueError, KeyError, TypeError):
-            same = False
-        if same:
-            _log(f"{run_dir.name}: " + ("AutoAttack up to date, skipped" if sha is not None else
-                                        "weights not kept; its recorded AutoAttack is used"), quiet)
-            return old
-    if sha is None:
-        raise CheckpointError(
-            f"{str(run_dir)!r} keeps no weights ({BEST} is missing) and no {AUTOATTACK_DIR}/eval.json on this "
-            "sample, so AutoAttack cannot run; pass another --runs to train it again")
+    old = _recorded(f, run_dir, _best_sha(run_dir), "AutoAttack", quiet, lambda old: (
+        _same_sample(old, n) and any(r["id"] == "autoattack" for r in old["rows"])))
+    if old is not None:
+        return old
     a = cfg.eval_attack
     rows = [Row("natural"), Row("whitebox", a.loss, a.steps, a.eps, a.step_size, a.restarts),
             Row("autoattack", eps=a.eps)]

@@ -186,15 +186,21 @@ def _large_eps(rows: list[dict]) -> dict:
                   f"({'above' if bad else 'at most'} {LARGE_EPS_MAX_ACC:.0%})")
 
 
+def _below_pgd(name: str, row: dict | None, label: str, missing: str, rows: list[dict]) -> dict:
+    """A stronger attack (``row``) may not beat the strongest white-box PGD by more than AA_GAP: if it
+    does, PGD overstates robustness (the usual sign of gradient masking)."""
+    strongest = _strongest_pgd(rows)
+    if row is None or strongest is None:
+        return _check(name, "skipped", missing if row is None else "no PGD row")
+    gap = strongest["accuracy"] - row["accuracy"]
+    return _check(name, "flagged" if gap > AA_GAP else "pass",
+                  f"{label} {row['accuracy']:.2%} vs PGD-{strongest['steps']} {strongest['accuracy']:.2%} "
+                  f"(gap {gap * 100:.2f} points, limit {AA_GAP * 100:g})")
+
+
 def _autoattack(rows: list[dict]) -> dict:
     aa = next((r for r in rows if r["id"] == "autoattack"), None)
-    strongest = _strongest_pgd(rows)
-    if aa is None or strongest is None:
-        return _check("autoattack_vs_pgd", "skipped", "no AutoAttack row (suite full)" if aa is None else "no PGD row")
-    gap = strongest["accuracy"] - aa["accuracy"]
-    return _check("autoattack_vs_pgd", "flagged" if gap > AA_GAP else "pass",
-                  f"AutoAttack {aa['accuracy']:.2%} vs PGD-{strongest['steps']} {strongest['accuracy']:.2%} "
-                  f"(gap {gap * 100:.2f} points, limit {AA_GAP * 100:g})")
+    return _below_pgd("autoattack_vs_pgd", aa, "AutoAttack", "no AutoAttack row (suite full)", rows)
 
 
 def _restarts(rows: list[dict]) -> dict:
@@ -214,14 +220,8 @@ def _restarts(rows: list[dict]) -> dict:
 
 def _targeted(rows: list[dict]) -> dict:
     t = next((r for r in rows if r["kind"] == "whitebox" and r["loss"] == "targeted"), None)
-    strongest = _strongest_pgd(rows)
-    if t is None or strongest is None:
-        return _check("targeted_vs_pgd", "skipped", "no targeted row (suite full)" if t is None else "no PGD row")
-    gap = strongest["accuracy"] - t["accuracy"]
-    return _check("targeted_vs_pgd", "flagged" if gap > AA_GAP else "pass",
-                  f"targeted PGD-{t['steps']} (top {t['targets']} classes) {t['accuracy']:.2%} vs PGD-"
-                  f"{strongest['steps']} {strongest['accuracy']:.2%} (gap {gap * 100:.2f} points, limit "
-                  f"{AA_GAP * 100:g})")
+    label = f"targeted PGD-{t['steps']} (top {t['targets']} classes)" if t else ""
+    return _below_pgd("targeted_vs_pgd", t, label, "no targeted row (suite full)", rows)
 
 
 def _transfer(rows: list[dict]) -> dict:

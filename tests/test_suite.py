@@ -460,3 +460,25 @@ def test_interrupted_pgd_rows_resume_from_finished_batches(tiny, tmp_path, monke
         assert a["correct"] == b["correct"], a["id"]
     for k in reference["per_example"]:
         assert torch.equal(reference["per_example"][k], resumed["per_example"][k])
+
+
+def test_autoattack_gets_nchw_images_even_when_the_suite_uses_channels_last(tiny, tmp_path, monkeypatch):
+    """pyautoattack flattens gradients with .view, which fails on channels_last tensors (its APGD-T crashed
+    on the CIFAR-10 presets, which evaluate channels_last): it is given NCHW images."""
+    import pyautoattack
+
+    model, x, _ = tiny
+    x = (x * 255).round().to(torch.uint8)  # uint8 images are laid out channels_last by the suite
+    with torch.no_grad():
+        y = model(x.float() / 255).argmax(1)
+    seen = []
+
+    def record(self, xs, ys, batch_size=250, **kw):
+        seen.append(xs.is_contiguous())
+        return xs.clone(), ys
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", record)
+    rows = [Row("natural"), Row("autoattack", eps=EPS)]
+    res = evaluate_model(model, x, y, eps=EPS, step_size=STEP, rows=rows, channels_last=True, batch_size=8,
+                         progress=False)
+    assert seen == [True] and res["rows"][-1]["accuracy"] == 1.0  # the clean images, classified in either layout

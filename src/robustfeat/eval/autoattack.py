@@ -70,8 +70,8 @@ def run_autoattack(
         idx = clean[start : start + chunk].nonzero().squeeze(1) + start
         if len(idx) == 0:
             continue
-        xc = x[idx]
-        xc = to_float_images(xc, device, channels_last)
+        # NCHW for AutoAttack: it flattens gradients with .view, which fails on channels_last tensors
+        xc = to_float_images(x[idx], device)
         yc = y[idx].to(device)
         path = None
         if state is not None:
@@ -83,9 +83,9 @@ def run_autoattack(
             if path is not None:
                 atomic_write_bytes(path, save_tensors({"x_adv": x_adv.detach().cpu().contiguous()}))
         x_adv = x_adv.to(xc.dtype)
-        if channels_last and x_adv.dim() == 4:
-            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
         check_adversary(xc, x_adv, eps)
+        if channels_last and x_adv.dim() == 4:  # classified in the layout the rest of the suite uses
+            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
         ok = torch.zeros(len(idx), dtype=torch.bool)
         with torch.no_grad():
             for b in range(0, len(idx), batch_size):

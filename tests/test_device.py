@@ -11,6 +11,7 @@ allow 1e-4 relative for the other summation orders of CUDA kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -170,17 +171,22 @@ def test_compiled_step_computes_what_the_eager_step_computes(device, backend, fp
     twin = copy.deepcopy(model)
     x, y = _batch(device)
     stats = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = []  # tensors the compiled attack keeps for a backward pass (hooked once compiled: tracing refuses hooks)
     for eps in (cfg.attack.eps, cfg.attack.eps / 2):  # a new eps (a warm-up) reuses the compiled iteration
         step = cfg.attack.step_size * eps / cfg.attack.eps
         a = eager.adversary(model, x, y, cfg.attack, generator=_gen(device, 1), eps=eps, step_size=step)
-        b = comp.adversary(twin, x, y, cfg.attack, generator=_gen(device, 1), eps=eps, step_size=step)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t)
+        with hooks if eps != cfg.attack.eps else contextlib.nullcontext():
+            b = comp.adversary(twin, x, y, cfg.attack, generator=_gen(device, 1), eps=eps, step_size=step)
         check_adversary(x, b, eps)
         # the same draws and steps: pixels differ only where a gradient entry is within rounding of zero
         assert (a != b).float().mean() <= (0 if device.type == "cpu" and backend == "aot_eager" else 0.01)
     from torch._dynamo.utils import counters
 
-    # really compiled, and each part one graph (CUDA graphs capture a whole graph only)
+    # really compiled, and each part one graph (CUDA graphs capture a whole graph only); the compiled
+    # attack keeps no activations for a backward through itself (the weights' gradients come from the loss)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert saved == []
     for k, v in twin.state_dict().items():  # BatchNorm statistics frozen in the compiled attack too
         assert torch.equal(v, stats[k]), k
     assert twin.training

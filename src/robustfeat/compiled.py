@@ -105,7 +105,10 @@ class StepFunctions:
         e = torch.tensor(eps, dtype=x.dtype, device=x.device)
         a = torch.tensor(step_size, dtype=x.dtype, device=x.device)
         project = getattr(cfg, "project", True)
-        with attack_mode(model, cfg.bn_mode):
+        # no_grad outside, torch.func.grad inside: the input gradient is computed, but the iterate is not
+        # differentiable in the weights, so the compiled graph keeps no activations for a backward
+        # through the attack (without it, AOTAutograd would compile one and save them: twice the work)
+        with attack_mode(model, cfg.bn_mode), torch.no_grad():
             x_adv = _start_point(x, None if draws is None else draws[0], start,
                                  eps * getattr(cfg, "start_scale", 1.0), clip_start)
             for _ in range(cfg.steps):

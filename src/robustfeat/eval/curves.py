@@ -149,6 +149,12 @@ def _plot(points: list[dict], key: str, *, xlabel: str, title: str, chance: floa
     return buf.getvalue()
 
 
+def _eps_text(v: float) -> str:
+    """8/255 for a radius on the 8-bit grid below 0.1 (CIFAR's), else the number."""
+    k = v * 255
+    return f"{round(k)}/255" if v < 0.1 and abs(k - round(k)) < 1e-6 else f"{v:.4g}"
+
+
 def write_curves(out: str | os.PathLike, curves: dict[str, Any]) -> list[Path]:
     """curve_eps.csv/.png and curve_steps.csv/.png under ``out``, each written atomically."""
     out = Path(out)
@@ -159,7 +165,7 @@ def write_curves(out: str | os.PathLike, curves: dict[str, Any]) -> list[Path]:
             title = f"PGD-{c['steps']} (step {c['step_ratio']:.3g} x eps) against eps"
             png = _plot(c["points"], key, xlabel="eps (l_inf)", title=title, chance=c["chance"], mark=c["eps0"])
         else:
-            title = f"PGD at eps {c['eps']:.4g} (step {c['step_size']:.4g}) against its steps"
+            title = f"PGD at eps {_eps_text(c['eps'])} (step {_eps_text(c['step_size'])}) against its steps"
             png = _plot(c["points"], key, xlabel="PGD steps", title=title, chance=c.get("chance"), mark=None,
                         log=True)
         atomic_write_text(out / f"curve_{name}.csv", render_csv(c["points"], key))

@@ -162,11 +162,19 @@ def test_train_state_round_trips_and_refuses_damage(tmp_path):
     ds = SimpleNamespace(num_classes=10, image_shape=(1, 28, 28), classes=[str(i) for i in range(10)])
     st = TrainState(step=5, best=0.5, best_step=4, lr_scale=0.25, rollbacks=2, restarts=1)
     extra = st.extra({"clean_acc": 0.9, "pgd_acc": 0.4}, ds)
-    assert list(extra) == ["best_val_pgd", "best_step", "val", "num_classes", "in_channels", "classes",
+    assert list(extra) == ["best_val", "best_metric", "best_step", "val", "num_classes", "in_channels", "classes",
                            "lr_scale", "rollbacks", "restarts"]
     back = TrainState.from_checkpoint(tmp_path / "last", {"step": 5, "extra": extra}, 10, tmp_path / "best")
     assert back == st
-    for key, bad in (("lr_scale", 0), ("rollbacks", -1), ("restarts", 1.5), ("best_step", 6), ("best_val_pgd", "x")):
+    # a checkpoint from before best_metric: best_val_pgd, a PGD accuracy, kept by an adversarial run and
+    # forgotten by a natural one (chosen by clean accuracy)
+    old = {("best_val_pgd" if k == "best_val" else k): v for k, v in extra.items() if k != "best_metric"}
+    assert TrainState.from_checkpoint(tmp_path / "last", {"step": 5, "extra": old}, 10, tmp_path / "best") == st
+    natural = TrainState.from_checkpoint(tmp_path / "last", {"step": 5, "extra": old}, 10, tmp_path / "best",
+                                         "clean_acc")
+    assert (natural.best, natural.best_step, natural.metric) == (-1.0, -1, "clean_acc")
+    for key, bad in (("lr_scale", 0), ("rollbacks", -1), ("restarts", 1.5), ("best_step", 6), ("best_val", "x"),
+                     ("best_metric", "loss")):
         with pytest.raises(CheckpointError, match="has damaged metadata") as ei:
             TrainState.from_checkpoint(tmp_path / "last", {"step": 5, "extra": {**extra, key: bad}}, 10,
                                        tmp_path / "best")

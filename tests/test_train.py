@@ -239,7 +239,7 @@ def test_rollback_restores_best_and_lowers_the_lr(cfg, splits, tmp_path, monkeyp
     run = tmp_path / "run"
     rollbacks = _records(run, "rollback")
     assert [(r["step"], r["to_step"], r["lr_scale"]) for r in rollbacks] == [(3, 2, 0.5), (5, 2, 0.25)]
-    assert res.best_val_pgd == 0.7
+    assert (res.best_metric, res.best_val) == ("pgd_acc", 0.7)
     # the lr of each step: the schedule times 1, then 0.5 after the first rollback, 0.25 after the second
     lrs = [r["lr"] for r in _records(run, "train")]
     scales = [1, 1, 1, 0.5, 0.5, 0.25]
@@ -313,6 +313,45 @@ def test_resume_refuses_a_damaged_best_step(cfg, splits, tmp_path, monkeypatch, 
         train(_guarded(cfg), run, splits=splits, progress=False, resume=True)
 
 
+def _natural(cfg):
+    return replace(cfg, method=replace(cfg.method, name="natural"),
+                   run=replace(cfg.run, eval_every=1, log_every=1))
+
+
+def test_natural_training_keeps_the_best_clean_accuracy(cfg, splits, tmp_path, monkeypatch):
+    """A naturally trained model's PGD accuracy is near 0 and ranks nothing: its best is the step of the
+    best clean accuracy (here step 5), not of the best PGD accuracy (step 1)."""
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
+    script = ScriptedValidation([0.02, 0.0, 0.01, 0.0, 0.0, 0.0], clean=[0.3, 0.5, 0.4, 0.6, 0.8, 0.7])
+    monkeypatch.setattr(train_module, "evaluate_split", script)
+    res = train(_natural(cfg), tmp_path / "run", splits=splits, progress=False)
+    assert (res.best_metric, res.best_val) == ("clean_acc", 0.8)
+    meta = read_checkpoint(tmp_path / "run/checkpoints/best.safetensors")[1]
+    assert meta["step"] == 5
+    assert {k: meta["extra"][k] for k in ("best_val", "best_metric", "best_step")} == {
+        "best_val": 0.8, "best_metric": "clean_acc", "best_step": 5}
+
+
+def test_a_natural_run_chosen_by_pgd_accuracy_chooses_again_on_resume(cfg, splits, tmp_path, monkeypatch):
+    """A natural run whose `last` was written when best was chosen by PGD accuracy (best_val_pgd, no
+    best_metric) forgets that best on resume, so the next validation writes best by clean accuracy."""
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
+    natural = _natural(cfg)
+    script = ScriptedValidation([0.02, 0.0, 0.01, 0.0, 0.0, 0.0], clean=[0.3, 0.5, 0.4, 0.6, 0.8, 0.7])
+    monkeypatch.setattr(train_module, "evaluate_split", script)
+    train(natural, tmp_path / "run", splits=splits, progress=False, stop_after=3)
+
+    def as_old(extra):  # what the older code wrote: best by PGD accuracy, at step 1
+        extra.pop("best_metric")
+        extra.pop("best_val")
+        extra.update(best_val_pgd=0.02, best_step=1)
+        return True
+    _edit_extra(tmp_path / "run/checkpoints/last.safetensors", as_old)
+    res = train(natural, tmp_path / "run", splits=splits, progress=False, resume=True)
+    assert (res.best_metric, res.best_val) == ("clean_acc", 0.8)
+    assert read_checkpoint(tmp_path / "run/checkpoints/best.safetensors")[1]["step"] == 5
+
+
 def test_rollback_waits_for_rollback_after_and_is_off_by_default(cfg, splits, tmp_path, monkeypatch):
     train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
 
@@ -351,7 +390,7 @@ def test_dead_start_draws_new_weights_and_clears_the_optimizer(cfg, splits, tmp_
     res = train(guarded, tmp_path / "run", splits=splits, progress=False)
     assert [(r["step"], r["restarts"], r["val_clean_acc"]) for r in _records(tmp_path / "run", "restart")] == [
         (1, 1, 0.1)]
-    assert res.best_val_pgd == 0.4
+    assert (res.best_metric, res.best_val) == ("pgd_acc", 0.4)
     # the schedule goes on: every step's lr is the schedule's
     lrs = [r["lr"] for r in _records(tmp_path / "run", "train")]
     assert lrs == pytest.approx([learning_rate(guarded, s) for s in range(6)])

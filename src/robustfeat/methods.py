@@ -41,6 +41,12 @@ class MethodSpec:
             return 0.0
         return self.lam_mnist if family == "mnist" else self.lam_cifar
 
+    @property
+    def selection_metric(self) -> str:
+        """The validation accuracy that picks a run's ``best`` checkpoint: PGD accuracy for the adversarial
+        methods, clean accuracy for natural training (whose PGD accuracy is near 0 and ranks nothing)."""
+        return "pgd_acc" if self.adversarial else "clean_acc"
+
     def with_attention_name(self) -> str:
         return {"at": "at-att", "at-reg": "at-att-reg"}.get(self.name, self.name)
 

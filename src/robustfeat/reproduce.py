@@ -49,6 +49,7 @@ from .eval.report import percent
 from .eval.run import evaluate_run
 from .eval.stats import paired_difference
 from .eval.suite import Row, model_fingerprint
+from .methods import METHODS
 from .registry import suggest
 from .train import (
     BEST,
@@ -235,21 +236,32 @@ def _saved_config(run_dir: Path) -> dict | None:
 
 
 def run_record(run_dir: Path, cfg) -> dict[str, Any]:
-    """step, best_val_pgd and last_val of a trained run: from ``last``, else (a run that keeps only
-    ``best``, or no weights) from ``best`` and metrics.jsonl."""
+    """step, best_val (of the metric best_metric that chose ``best``) and last_val of a trained run: from
+    ``last``, else (a run that keeps only ``best``, or no weights) from ``best`` and metrics.jsonl."""
+    metric = METHODS.get(cfg.method.name).selection_metric
+
+    def best_of(extra: dict) -> tuple[float | None, str]:  # checkpoints before best_metric hold best_val_pgd
+        if "best_val" in extra:
+            return extra["best_val"], extra.get("best_metric", "pgd_acc")
+        return extra.get("best_val_pgd"), "pgd_acc"
+
     if (run_dir / LAST).is_file():
         meta = read_checkpoint(run_dir / LAST)[1]
-        return {"step": meta["step"], "best_val_pgd": meta["extra"].get("best_val_pgd"),
+        best, best_metric = best_of(meta["extra"])
+        return {"step": meta["step"], "best_val": best, "best_metric": best_metric,
                 "last_val": meta["extra"].get("val")}
     evals = [r for r in metrics_records(run_dir) if r.get("kind") == "eval"]
-    best = None
+    best, best_metric = None, metric
     if (run_dir / BEST).is_file():
-        best = read_checkpoint(run_dir / BEST)[1]["extra"].get("best_val_pgd")
+        best, best_metric = best_of(read_checkpoint(run_dir / BEST)[1]["extra"])
     elif evals:
-        best = max(float(r.get("pgd_acc", -1.0)) for r in evals)
+        best = max(float(r.get(metric, -1.0)) for r in evals)
     last_val = {k: evals[-1][k] for k in ("clean_acc", "pgd_acc") if k in evals[-1]} if evals else None
-    return {"step": finished_step(run_dir, cfg.optim.steps) or recorded_step(run_dir), "best_val_pgd": best,
-            "last_val": last_val}
+    return {"step": finished_step(run_dir, cfg.optim.steps) or recorded_step(run_dir), "best_val": best,
+            "best_metric": best_metric, "last_val": last_val}
+
+
+_METRIC_SHORT = {"pgd_acc": "PGD", "clean_acc": "clean"}
 
 
 def _sessions(run_dir: Path) -> list[dict] | None:
@@ -528,7 +540,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
             "name": name, "preset": r["preset"], "seed": r["seed"], "role": r["role"],
             "dir": os.path.relpath(d, out), "path": str(d), "step": rec["step"], "steps": cfg.optim.steps,
             "examples": cfg.optim.steps * cfg.optim.batch_size,
-            "best_val_pgd": rec["best_val_pgd"], "last_val": rec["last_val"],
+            "best_val": rec["best_val"], "best_metric": rec["best_metric"], "last_val": rec["last_val"],
             "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
             "revisions": train_revisions(d),
             "weights_fingerprint": model_fingerprint(load_model(d)) if _best_sha(d) else None,
@@ -649,16 +661,17 @@ def render_readme(s: dict) -> str:
     if s["analysis"]:
         L += _analysis_section(s["analysis"])
     L += ["## Runs", "",
-          "| run | role | steps | examples | best val PGD | wall time | trained at | weights | directory |",
+          "| run | role | steps | examples | best val | wall time | trained at | weights | directory |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in s["runs"]:
-        bv = r["best_val_pgd"]
+        bv = r.get("best_val", r.get("best_val_pgd"))
+        bv_text = "-" if bv is None or bv < 0 else f"{100 * bv:.1f}% {_METRIC_SHORT[r.get('best_metric', 'pgd_acc')]}"
         revs = ", ".join(f"`{x[:10]}{'-dirty' if x.endswith('-dirty') else ''}`" for x in r.get("revisions", []))
         L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
-                 f"{'-' if bv is None or bv < 0 else f'{100 * bv:.1f}%'} | {_hms(r['wall_seconds'])} | "
+                 f"{bv_text} | {_hms(r['wall_seconds'])} | "
                  f"{revs or '?'} | {_short(r['weights_fingerprint'])} | `{r['dir']}` |")
     L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
-          "the `best` checkpoint is chosen by it and evaluated. *weights*: the start of the sha256 of the "
+          "the `best` checkpoint is chosen by it (PGD accuracy; clean accuracy for a naturally trained model) and evaluated. *weights*: the start of the sha256 of the "
           "`best` weights' tensors (names, shapes, values; `model_fingerprint` in eval.json), which a rerun of "
           "the same command on the same kind of machine reproduces."), "", "## Budget", ""]
     if s["budget"] == "paper":

@@ -15,6 +15,7 @@ from ..api import describe_config
 from ..config import ConfigError, list_presets, load_config, preset_budgets, read_config_file
 from ..eval import evaluate_run
 from ..train import train
+from ..train.state import METRIC_NAMES
 from .common import CLIError
 
 
@@ -117,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(
         f"done: step {res.step:,} in {res.seconds:.0f}s; validation clean {val.get('clean_acc', float('nan')):.2%}, "
-        f"PGD {val.get('pgd_acc', float('nan')):.2%}; best validation PGD {res.best_val_pgd:.2%}; "
+        f"PGD {val.get('pgd_acc', float('nan')):.2%}; best validation {METRIC_NAMES[res.best_metric]} "
+        f"{res.best_val:.2%}; "
         f"checkpoints in {out / 'checkpoints'}"
     )
     return 0

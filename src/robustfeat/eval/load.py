@@ -23,7 +23,8 @@ def _run_dir(run_dir: Any) -> Path:
 
 
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
-    """The checkpoint of a run: 'best' (validation PGD accuracy; falls back to 'last'), 'last', or a path.
+    """The checkpoint of a run: 'best' (validation PGD accuracy, clean for natural training;
+    falls back to 'last'), 'last', or a path.
 
     Every way of not finding one is a one-line CheckpointError that says what is there instead: a file
     where a run directory is expected, a run whose weights were not kept, ``last`` deleted after the run.

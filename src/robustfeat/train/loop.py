@@ -2,7 +2,8 @@
 
 Per step: take the batch of this step, make its adversary with the training attack, compute the
 method's loss (eq. 7), update. Every ``run.eval_every`` steps: clean and PGD accuracy on the
-validation split, the ``last`` checkpoint, and ``best`` when the validation PGD accuracy improved.
+validation split, the ``last`` checkpoint, and ``best`` when the validation PGD accuracy (clean accuracy
+for natural training) improved.
 All randomness after initialisation (data order, augmentation, attack starts) is a function of
 (seed, step), so ``resume=True`` continues exactly where the last checkpoint stopped.
 
@@ -67,11 +68,13 @@ EVAL_STREAM = 2
 class TrainResult:
     out_dir: Path
     step: int
-    best_val_pgd: float
+    best_val: float
+    """The best validation value of ``best_metric`` ('pgd_acc', or 'clean_acc' for natural training)."""
     last_val: dict[str, float]
     seconds: float
     note: str = ""
     """Set when nothing was trained: why (e.g. the resumed run had already finished)."""
+    best_metric: str = "pgd_acc"
 
 
 def train(
@@ -108,7 +111,8 @@ def train(
         if run_json is None:  # a resumed run that had already finished: nothing to do, nothing written
             state = run.state
             return TrainResult(out, state.step, state.best, run.last_val, 0.0,
-                               note=f"the run had already finished at step {state.step:,}; nothing to do")
+                               note=f"the run had already finished at step {state.step:,}; nothing to do",
+                               best_metric=state.metric)
         stop.defer()
         return _run_loop(run, run_json, stop, stop_after, t_start)
 
@@ -159,7 +163,7 @@ def _run_loop(run: Run, run_json: RunJson, stop: StopSignals, stop_after: int | 
         raise Interrupted(f"stopped by {signal_name(stop.signum)} after step {end:,} of {total:,}: "
                           f"{str(run.out_dir / LAST)!r} holds it; continue with robustfeat train --resume "
                           f"{run.out_dir}", stop.signum)
-    return TrainResult(run.out_dir, end, best, last_val, seconds)
+    return TrainResult(run.out_dir, end, best, last_val, seconds, best_metric=state.metric)
 
 
 def _steps(run: Run, meter: Meter, tb, start_step: int, end: int, stop: StopSignals) -> int:
@@ -438,7 +442,7 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
         augment=cfg.data.augment, seed=cfg.run.seed, channels_last=cfg.run.channels_last,
     )
     run = Run(cfg=cfg, out_dir=out_dir, dctx=dctx, model=model, optimizer=make_optimizer(cfg, model),
-              splits=splits, loader=loader, state=TrainState(), log=None, extensions=exts, progress=progress,
+              splits=splits, loader=loader, state=TrainState(metric=METHODS.get(cfg.method.name).selection_metric), log=None, extensions=exts, progress=progress,
               t_start=t_start, step_fns=StepFunctions(cfg.run) if cfg.run.compile else None)
     for ext in exts:
         ext.setup(run)
@@ -468,7 +472,7 @@ def resume_from_last(run: Run) -> None:
             f"{str(path)!r} was written by another config than {str(run.out_dir / 'config.yaml')!r}; "
             "refusing to resume from it"
         )
-    run.state = TrainState.from_checkpoint(path, meta, run.cfg.optim.steps, run.out_dir / BEST)
+    run.state = TrainState.from_checkpoint(path, meta, run.cfg.optim.steps, run.out_dir / BEST, run.state.metric)
     loading = [e for e in run.extensions if type(e).load_tensors is not Extension.load_tensors]
     tensors = read_checkpoint(path)[0] if loading else {}
     for ext in loading:

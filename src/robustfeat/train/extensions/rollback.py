@@ -1,6 +1,7 @@
 """``run.rollback_drop``: a guard against catastrophic overfitting.
 
-When a validation's PGD accuracy falls more than ``drop`` below the best so far (both from step
+When a validation's PGD accuracy (the run's selection metric: clean accuracy for natural training)
+falls more than ``drop`` below the best so far (both from step
 ``after`` on), the run goes back to ``best`` (weights and optimizer state, which ``best`` then also
 stores) and its learning rate is scaled by ``lr_factor`` from then on; the scale is kept in ``last``,
 so a resumed run goes on with it. The schedule and the data order go on from the current step.
@@ -9,6 +10,7 @@ so a resumed run goes on with it. The schedule and the data order go on from the
 from __future__ import annotations
 
 from ..rundir import BEST
+from ..state import METRIC_NAMES
 from .base import Extension, Run, Verdict
 
 
@@ -22,16 +24,16 @@ class RollbackGuard(Extension):
         # Rank 0's verdict, on every rank. Only a best from `after` on is a state to go back to: an
         # earlier one is still near chance.
         st = run.state
-        fire = run.dctx.main and step >= self.after and st.best_step >= self.after and val["pgd_acc"] < st.best - self.drop
+        fire = run.dctx.main and step >= self.after and st.best_step >= self.after and val[st.metric] < st.best - self.drop
         if not run.dctx.broadcast_object(fire):
             return None
         # every rank reads best from the run directory, as resuming does (a shared file system)
         meta = run.load(run.out_dir / BEST)
         st.lr_scale *= self.lr_factor
         st.rollbacks += 1
-        run.log.write({"kind": "rollback", "step": step, "to_step": meta["step"], "val_pgd_acc": val["pgd_acc"],
-                       "best_val_pgd": st.best, "lr_scale": st.lr_scale, "rollbacks": st.rollbacks,
+        run.log.write({"kind": "rollback", "step": step, "to_step": meta["step"], f"val_{st.metric}": val[st.metric],
+                       f"best_val_{st.metric.removesuffix('_acc')}": st.best, "lr_scale": st.lr_scale, "rollbacks": st.rollbacks,
                        "wall_s": run.wall_s()})
-        run.say(f"step {step}: validation PGD accuracy {val['pgd_acc']:.3f} is more than {self.drop:g} below "
+        run.say(f"step {step}: validation {METRIC_NAMES[st.metric]} {val[st.metric]:.3f} is more than {self.drop:g} below "
                 f"the best {st.best:.3f}; back to step {meta['step']} with the learning rate x{st.lr_scale:g}")
         return Verdict(meta["extra"].get("val") or val)  # best's validation

@@ -36,4 +36,4 @@ with eval_mode(m):
 for k, a in acc.items():
     r = a.result((0, 0))
     print(f"{k:5s} Spearman(rank, weight) {r.spearman:+.3f}  weight rank0 {r.mean[0]:.4f} last {r.mean[-1]:.4f}")
-print("median per-image Spearman(weight, feature norm): %.3f" % np.median(rho_norm))
+print(f"median per-image Spearman(weight, feature norm): {np.median(rho_norm):.3f}")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from robustfeat import build
 from robustfeat.attacks import attack_from_config, ce_loss
-from robustfeat.build import build_model, training_autocast
+from robustfeat.build import build_model, precision_warning, training_autocast
 from robustfeat.config import ConfigError, load_config
 from robustfeat.data import DeviceLoader
 from robustfeat.methods import method_loss
@@ -92,7 +93,21 @@ def test_attack_fp32_crafts_exactly_the_fp32_adversary(cfg, batch, one_thread):
     assert not torch.equal(advs[0], advs[2])  # without attack_fp32 the bf16 adversary is another one
 
 
-def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_path, one_thread, monkeypatch):
+def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(monkeypatch):
+    bf16 = load_config("demo", overrides=["run.precision=bf16"]).run
+    fp32 = load_config("demo").run
+    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: False)
+    w = precision_warning(bf16, CPU)
+    assert w is not None and "\n" not in w
+    assert "run.precision=bf16" in w and "run.precision=fp32" in w and "AVX512-BF16 or AMX" in w
+    assert precision_warning(fp32, CPU) is None
+    assert precision_warning(bf16, torch.device("cuda")) is None  # GPUs are judged by their own bench
+    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: True)
+    assert precision_warning(bf16, CPU) is None
+
+
+def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_path, one_thread, monkeypatch,
+                                                            capsys):
     import importlib
 
     train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
@@ -104,7 +119,10 @@ def test_bf16_training_run_keeps_fp32_weights_and_validates(cfg, splits, tmp_pat
 
     monkeypatch.setattr(train_module, "evaluate_split", spy)
     c = load_config("demo", overrides=[*TINY, "run.precision=bf16"])
+    monkeypatch.setattr(build, "cpu_has_native_bf16", lambda: False)
     res = train(c, tmp_path / "r", splits=splits, progress=False)
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warned) == 1 and warned[0].startswith("robustfeat train: warning: run.precision=bf16")
     assert under_autocast == [False]  # one validation (step 4), in fp32
     assert res.step == 4
     w = load_file(str(tmp_path / "r/checkpoints/last.safetensors"))

@@ -43,6 +43,23 @@ def training_autocast(run: RunConfig, device: torch.device, *, attack: bool = Fa
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products in hardware (AVX512-BF16 or AMX). Without
+    either, oneDNN emulates them and bf16 training is many times slower than fp32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(f()) for f in probes if f is not None)
+
+
+def precision_warning(run: RunConfig, device: torch.device) -> str | None:
+    """A one-line warning when ``run.precision=bf16`` would run slower than fp32 on ``device``: a CPU
+    without bf16 hardware (results/bench/amd-epyc-avx2: 13x slower on AT PGD-5). None otherwise."""
+    if run.precision != "bf16" or device.type != "cpu" or cpu_has_native_bf16():
+        return None
+    cap = torch.backends.cpu.get_cpu_capability()
+    return (f"run.precision=bf16 on a CPU without bf16 hardware (capability {cap}, no AVX512-BF16 or AMX): "
+            "expect training many times slower than fp32; set run.precision=fp32 unless you need bf16's numerics")
+
+
 @contextlib.contextmanager
 def deterministic_kernels(enabled: bool) -> Iterator[None]:
     """``run.deterministic``: inside the block, torch picks deterministic kernels where it has them

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..build import (
     build_splits,
     check_model_fits,
     deterministic_kernels,
+    precision_warning,
     resolve_device,
     training_autocast,
 )
@@ -453,6 +455,8 @@ def start(cfg: Config, out_dir: Path, *, resume: bool, data_dir: str | None, pro
             dctx.close()
             return run, None
     if dctx.main:
+        if (warning := precision_warning(cfg.run, device)) is not None:
+            print(f"robustfeat train: warning: {warning}", file=sys.stderr, flush=True)
         prepare_run_dir(out_dir, cfg, resume, command, splits=splits, extensions=exts)
     dctx.barrier()
     run_json = RunJson(out_dir, cfg, device, command, resume, write=dctx.main)

@@ -2,7 +2,7 @@
 
 import io
 
-from robustfeat.progress import LineStream, progress_bar
+from robustfeat.progress import LineStream, progress_bar, write_line
 
 
 class Tty(io.StringIO):
@@ -48,3 +48,20 @@ def test_line_stream_turns_redraws_into_lines_and_drops_blank_clears():
     s.write("\r" + " " * 20 + "\r")
     s.write("\n")
     assert out.getvalue() == " 10%\n 20%\n"
+
+
+def test_a_line_written_during_a_bar_gets_a_line_of_its_own(monkeypatch):
+    monkeypatch.setenv("ROBUSTFEAT_PROGRESS_INTERVAL", "3600")
+    out = io.StringIO()
+    bar = progress_bar(total=2, desc="AutoAttack", unit="chunk", stream=out)  # its first draw, line left open
+    write_line("AutoAttack, images 0-999: running apgd-ce", stream=out)
+    write_line("second", stream=out)
+    bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("AutoAttack:   0%") and lines[1:3] == ["AutoAttack, images 0-999: running apgd-ce",
+                                                                      "second"]
+    assert lines[3].startswith("AutoAttack: 100%")
+    tty = Tty()
+    write_line("above the bars", stream=tty)
+    assert tty.getvalue() == "above the bars\n"

@@ -338,6 +338,26 @@ def test_autoattack_row_runs_and_resumes(tiny, tmp_path, monkeypatch):
     assert torch.equal(again["per_example"]["autoattack"], res["per_example"]["autoattack"])
 
 
+def test_autoattack_reports_its_stages_as_lines_when_progress_is_on(tiny, capsys):
+    import logging
+
+    from robustfeat.eval.autoattack import run_autoattack
+
+    model, x, y = tiny
+    x, y = x[:8], y[:8]
+    clean = torch.ones(8, dtype=torch.bool)
+    kw = {"eps": 0.1, "seed": 0, "batch_size": 8, "device": torch.device("cpu")}
+    quiet = run_autoattack(model, x, y, clean, progress=False, **kw)
+    assert "AutoAttack, images" not in capsys.readouterr().err
+    loud = run_autoattack(model, x, y, clean, progress=True, **kw)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("AutoAttack, images 0-7 ")]
+    assert lines[0].endswith(": running apgd-ce") and "robust accuracy after APGD-CE" in lines[1]
+    assert "(8 correctly classified; accuracies below are of these)" in lines[0]
+    assert torch.equal(quiet, loud)  # the lines change nothing
+    log = logging.getLogger("auto-attack")
+    assert log.level == logging.WARNING and not log.handlers  # the handler does not outlive the call
+
+
 # ---------------------------------------------------------------------------------------------------------
 # run directories, files, CLI
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 from tqdm.auto import tqdm
 
@@ -21,9 +21,12 @@ DEFAULT_INTERVAL = 60.0
 class LineStream:
     """A text stream for tqdm: every redraw (``\\r``) becomes a line of its own, blank redraws vanish."""
 
+    live: ClassVar[list[LineStream]] = []  # every LineStream made, so that ``write_line`` can end their open lines
+
     def __init__(self, stream: TextIO):
         self.stream = stream
         self.fresh = True  # at the start of a line
+        LineStream.live = [*LineStream.live[-15:], self]
 
     def write(self, text: str) -> int:
         out = []
@@ -63,3 +66,19 @@ def progress_bar(iterable: Any = None, *, stream: TextIO | None = None, **kwargs
     interval = _interval()
     kwargs.update(mininterval=interval, maxinterval=max(interval, 10.0), ascii=True)
     return tqdm(iterable, file=LineStream(stream), **kwargs)
+
+
+def write_line(msg: str, stream: TextIO | None = None) -> None:
+    """One line of text among progress bars: on a terminal above the bars (tqdm.write); elsewhere on a
+    line of its own, after ending any bar line left open on the same stream."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        tqdm.write(msg, file=stream)
+        return
+    for ls in LineStream.live:
+        if ls.stream is stream and not ls.fresh:
+            stream.write("\n")
+            ls.fresh = True
+    stream.write(msg + "\n")
+    stream.flush()

@@ -9,8 +9,10 @@ for examples broken before the interruption, so those could not be re-verified.)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,8 +23,38 @@ from torch import nn
 from ..attacks import check_adversary
 from ..checkpoint import atomic_write_bytes
 from ..data import batch_starts, to_float_images
+from ..progress import write_line
 
 CHUNK = 1000
+_LOGGER = "auto-attack"  # pyautoattack's logger
+
+
+class _StageLines(logging.Handler):
+    """Forwards AutoAttack's own stage messages ("running apgd-ce", "robust accuracy after APGD-CE: ...")
+    as lines on stderr: a chunk can take an hour on a CPU, and its progress bar moves once per chunk."""
+
+    def __init__(self, prefix: str):
+        super().__init__(logging.DEBUG)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith(("running ", "robust accuracy after ")):
+            write_line(f"{self.prefix}: {msg}")
+
+
+@contextlib.contextmanager
+def _stage_lines(enabled: bool, prefix: str) -> Iterator[None]:
+    log = logging.getLogger(_LOGGER)
+    level, handler = log.level, _StageLines(prefix)
+    if enabled:
+        log.setLevel(logging.DEBUG)
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _chunk_key(fingerprint: str, eps: float, seed: int, xc: torch.Tensor, yc: torch.Tensor) -> str:
@@ -56,7 +88,7 @@ def run_autoattack(
         from pyautoattack import AutoAttack
     except ImportError as e:  # pragma: no cover - it is a dependency
         raise RuntimeError("the AutoAttack row needs the 'pyautoattack' package (pip install pyautoattack)") from e
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    logging.getLogger(_LOGGER).setLevel(logging.WARNING)
     n = len(y)
     robust = torch.zeros(n, dtype=torch.bool)
     state = Path(state_dir) if state_dir is not None else None
@@ -79,7 +111,10 @@ def run_autoattack(
         if path is not None and path.exists():
             x_adv = load_file(str(path))["x_adv"].to(device)
         else:
-            x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=batch_size)
+            prefix = (f"AutoAttack, images {start:,}-{min(start + chunk, n) - 1:,} "
+                      f"({len(idx):,} correctly classified; accuracies below are of these)")
+            with _stage_lines(progress, prefix):
+                x_adv, _ = aa.run_standard_evaluation(xc, yc, batch_size=batch_size)
             if path is not None:
                 atomic_write_bytes(path, save_tensors({"x_adv": x_adv.detach().cpu().contiguous()}))
         x_adv = x_adv.to(xc.dtype)

@@ -11,22 +11,23 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Any, ClassVar, TextIO
+import weakref
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
 DEFAULT_INTERVAL = 60.0
+_LIVE: weakref.WeakSet[LineStream] = weakref.WeakSet()
+"""The LineStreams of bars still alive: ``write_line`` ends their open lines before its own."""
 
 
 class LineStream:
     """A text stream for tqdm: every redraw (``\\r``) becomes a line of its own, blank redraws vanish."""
 
-    live: ClassVar[list[LineStream]] = []  # every LineStream made, so that ``write_line`` can end their open lines
-
     def __init__(self, stream: TextIO):
         self.stream = stream
         self.fresh = True  # at the start of a line
-        LineStream.live = [*LineStream.live[-15:], self]
+        _LIVE.add(self)
 
     def write(self, text: str) -> int:
         out = []
@@ -45,6 +46,11 @@ class LineStream:
         self.stream.flush()
 
 
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
 def _interval() -> float:
     raw = os.environ.get("ROBUSTFEAT_PROGRESS_INTERVAL", "")
     try:
@@ -58,8 +64,7 @@ def progress_bar(iterable: Any = None, *, stream: TextIO | None = None, **kwargs
     """``tqdm(iterable, **kwargs)`` on a terminal; elsewhere a bar that writes one line per
     ``interval`` seconds (and one at the end)."""
     stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
+    if _is_terminal(stream):
         return tqdm(iterable, file=stream, **kwargs)
     kwargs.pop("dynamic_ncols", None)
     kwargs.setdefault("ncols", 110)
@@ -72,11 +77,10 @@ def write_line(msg: str, stream: TextIO | None = None) -> None:
     """One line of text among progress bars: on a terminal above the bars (tqdm.write); elsewhere on a
     line of its own, after ending any bar line left open on the same stream."""
     stream = sys.stderr if stream is None else stream
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
+    if _is_terminal(stream):
         tqdm.write(msg, file=stream)
         return
-    for ls in LineStream.live:
+    for ls in list(_LIVE):
         if ls.stream is stream and not ls.fresh:
             stream.write("\n")
             ls.fresh = True

@@ -338,6 +338,40 @@ def test_autoattack_row_runs_and_resumes(tiny, tmp_path, monkeypatch):
     assert torch.equal(again["per_example"]["autoattack"], res["per_example"]["autoattack"])
 
 
+def test_autoattack_stopped_mid_row_resumes_after_its_last_finished_chunk(tiny, tmp_path, monkeypatch):
+    import pyautoattack
+
+    from robustfeat.eval import autoattack
+
+    model, x, y = tiny
+    x, y = x[:8], y[:8]
+    clean = model(x).argmax(1) == y
+    assert clean.all()
+    kw = {"eps": 0.1, "seed": 0, "batch_size": 8, "device": torch.device("cpu"), "state_dir": tmp_path,
+          "progress": False, "fingerprint": "m"}
+    real, calls = pyautoattack.AutoAttack.run_standard_evaluation, []
+
+    def stop_after_first_chunk(self, xc, yc, **k):
+        calls.append(len(yc))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session ends in the second chunk
+        return real(self, xc, yc, **k)
+
+    monkeypatch.setattr(autoattack, "CPU_CHUNK", 3)  # the CPU default: chunks of 3, 3 and 2 images
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", stop_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        autoattack.run_autoattack(model, x, y, clean, **kw)
+    assert calls == [3, 3] and len(list(tmp_path.glob("aa-*.safetensors"))) == 1
+
+    calls.clear()
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation",
+                        lambda self, xc, yc, **k: (calls.append(len(yc)), real(self, xc, yc, **k))[1])
+    resumed = autoattack.run_autoattack(model, x, y, clean, **kw)
+    assert calls == [3, 2]  # the first chunk came from its saved adversaries
+    fresh = autoattack.run_autoattack(model, x, y, clean, **{**kw, "state_dir": tmp_path / "fresh"})
+    assert torch.equal(resumed, fresh)
+
+
 def test_autoattack_reports_its_stages_as_lines_when_progress_is_on(tiny, capsys):
     import logging
 

@@ -47,7 +47,8 @@ def build() -> PlainCNN:
 
 def _idx(path: Path) -> np.ndarray:
     """An IDX file of the MNIST distribution (gzip): uint8 images (N, 28, 28) or labels (N,)."""
-    data = gzip.open(path).read()
+    with gzip.open(path) as f:
+        data = f.read()
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)

@@ -181,6 +181,34 @@ def test_pre_attack_checks_fire_on_masked_models_and_stay_quiet_on_a_sound_one()
     assert _status(_natural_only(Softmax(), x, y))["outputs_are_logits"] == "flagged"
 
 
+def test_nan_logits_never_count_as_correct_and_are_flagged_on_clean_images():
+    x, y = level_data()
+    nan = float("nan")
+
+    class NaNForClass0(nn.Module):  # torch's argmax of an all-NaN row is 0: these would count as correct
+        def forward(self, x):
+            z = Levels()(x)
+            return torch.where(z.argmax(1, keepdim=True) == 0, torch.full_like(z, nan), z)
+
+    res = _natural_only(NaNForClass0(), x, y)
+    assert res["rows"][0]["accuracy"] == 0.75 and not res["per_example"]["natural"][y == 0].any()
+    assert _status(res)["finite_logits"] == "flagged" and res["masking_suspected"]
+    assert _detail(res, "finite_logits").startswith("10 of 40 clean images give a NaN or infinite logit")
+    assert _status(_natural_only(Levels(), x, y))["finite_logits"] == "pass"
+
+    class NaNOffTheCleanImages(nn.Module):  # sound on its test images, NaN (with a zero gradient) elsewhere
+        def forward(self, xb):
+            z = Levels()(xb)
+            seen = (xb[:, None] == x[None]).flatten(2).all(2).any(1, keepdim=True)
+            return torch.where(seen, z, torch.full_like(z, nan))
+
+    rows = [Row("natural"), Row("whitebox", "ce", 5, 0.1, 0.025), Row("whitebox", "cw", 5, 0.1, 0.025)]
+    res = evaluate_model(NaNOffTheCleanImages(), x, y, eps=0.1, step_size=0.025, rows=rows, progress=False)
+    acc = {r["id"]: r["accuracy"] for r in res["rows"]}
+    assert acc["natural"] == 1.0 and _status(res)["finite_logits"] == "pass"
+    assert acc["whitebox/pgd-5"] == acc["whitebox/cw-5"] == 0.0  # not the 25% of class 0 argmax would give
+
+
 def test_a_model_that_does_not_return_logits_is_refused_in_one_line():
     x, y = level_data(8)
 

@@ -60,6 +60,14 @@ def targeted_margin_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Te
     return (logits.gather(1, target[:, None]) - logits.gather(1, y[:, None])).squeeze(1)
 
 
+def predicts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example: the logits classify it as ``y``. Every robust and correct flag of robustfeat comes
+    from here. A row with a NaN or infinite logit never counts as correct: its argmax is arbitrary
+    (torch's picks a NaN), so a model that breaks down numerically off the clean images would
+    otherwise look robust on the examples whose label happens to be picked."""
+    return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
+
+
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module | None) -> Iterator[None]:
     """The given models (None entries are skipped) in eval mode inside the block; every module's own
@@ -221,7 +229,7 @@ def pgd_budgets(
                 if sub.idx is None:
                     x_adv = xa  # detached
                 if track:
-                    wrong = logits.detach().argmax(1) != sub.y
+                    wrong = ~predicts(logits.detach(), sub.y)
                     _record(sub.spread(wrong), t, x_adv, budgets, keep_best, fooled, results)
                 if grad is not None:
                     xa = xa + step_size * grad.sign()
@@ -410,12 +418,12 @@ def accuracy(
             xb = to_float_images(x[i : i + batch_size], device, channels_last)
             yb = y[i : i + batch_size].to(device)
             with torch.no_grad():
-                correct += int((model(xb).argmax(1) == yb).sum())
+                correct += int(predicts(model(xb), yb).sum())
             if attack is not None:
                 xa = attack_from_config(model, xb, yb, attack, generator=generator, keep_best=True)
                 check_adversary(xb, xa, attack.eps)
                 with torch.no_grad():
-                    adv_correct += int((model(xa).argmax(1) == yb).sum())
+                    adv_correct += int(predicts(model(xa), yb).sum())
     out = {"clean_acc": correct / max(n, 1)}
     if attack is not None:
         out["pgd_acc"] = adv_correct / max(n, 1)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from ..attacks import check_adversary
+from ..attacks import check_adversary, predicts
 from ..checkpoint import atomic_write_bytes
 from ..data import batch_starts, to_float_images
 from ..progress import write_line
@@ -129,6 +129,6 @@ def run_autoattack(
         ok = torch.zeros(len(idx), dtype=torch.bool)
         with torch.no_grad():
             for b in range(0, len(idx), batch_size):
-                ok[b : b + batch_size] = (model(x_adv[b : b + batch_size]).argmax(1) == yc[b : b + batch_size]).cpu()
+                ok[b : b + batch_size] = predicts(model(x_adv[b : b + batch_size]), yc[b : b + batch_size]).cpu()
         robust[idx] = ok
     return robust

@@ -11,7 +11,10 @@ from the same forward pass, what AutoAttack checks before attacking:
   difference at most ``RANDOM_TOL``) and predictions; a randomized model needs attacks that average
   over its randomness, which the suite does not do;
 * ``outputs_are_logits``: the outputs do not look like probabilities (all in [0, 1], rows summing to
-  1); the losses expect logits, and a softmax output saturates their gradients.
+  1); the losses expect logits, and a softmax output saturates their gradients;
+* ``finite_logits``: no clean image gets a NaN or infinite logit. Such an example never counts as
+  correct (``attacks.predicts``), clean or attacked, but a model that overflows on clean images is
+  broken, and its accuracies say little.
 
 A model whose output is not (B, C) logits for C > every label is refused with ``ModelOutputError``.
 """
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import predicts
 from ..config import ConfigError
 from ..data import batch_starts
 
@@ -47,6 +51,7 @@ class CleanPass:
     zero_margin: int = 0
     max_rel_diff: float = 0.0
     changed: int = 0
+    nonfinite: int = 0
     probabilities: bool = True  # until a batch shows otherwise
 
 
@@ -84,7 +89,8 @@ def clean_pass(model: nn.Module, batch: Callable, n: int, batch_size: int, *, pr
         xg = xb.clone().requires_grad_(True)
         with torch.enable_grad():
             logits = check_output(model(xg), xb, yb, num_classes)
-        ok = logits.argmax(1) == yb
+        ok = predicts(logits, yb)
+        res.nonfinite += int((~torch.isfinite(logits.detach()).all(1)).sum())
         correct[i : i + batch_size] = ok.cpu()
         res.num_classes = logits.shape[1]
         _count_zero_gradients(res, logits, xg, yb, ok)
@@ -119,7 +125,7 @@ def _compare_passes(res: CleanPass, first: torch.Tensor, again: torch.Tensor) ->
 
 
 def precheck_results(cp: CleanPass) -> list[dict]:
-    """The three pre-attack checks as check dicts ('pass' or 'flagged')."""
+    """The four pre-attack checks as check dicts ('pass' or 'flagged')."""
     m = int(cp.correct.sum())
     zero = cp.zero_ce + cp.zero_margin
     checks = [{"name": "zero_gradients", "status": "flagged" if zero else "pass",
@@ -135,4 +141,9 @@ def precheck_results(cp: CleanPass) -> list[dict]:
     checks.append({"name": "outputs_are_logits", "status": "flagged" if cp.probabilities else "pass",
                    "detail": "the outputs look like probabilities (in [0, 1], summing to 1); pass logits"
                    if cp.probabilities else "the outputs are not probabilities"})
+    n = len(cp.correct)
+    checks.append({"name": "finite_logits", "status": "flagged" if cp.nonfinite else "pass",
+                   "detail": f"{cp.nonfinite} of {n} clean images give a NaN or infinite logit" + (
+                       "; they count as misclassified, and the model is numerically broken" if cp.nonfinite
+                       else "")})
     return checks

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from ..attacks import TARGETED, check_adversary, eval_mode, pgd_budgets
+from ..attacks import TARGETED, check_adversary, eval_mode, pgd_budgets, predicts
 from ..build import resolve_device
 from ..checkpoint import atomic_write_bytes
 from ..config import AttackConfig, ConfigError
@@ -510,7 +510,7 @@ def _attack_batch(ctx: _Context, r0: Row, budgets: list[int], xs, ys, gen, base:
     for k, xa in advs.items():
         check_adversary(xs, xa, r0.eps)
         with torch.no_grad():
-            out[k] = (ctx.model(xa).argmax(1) == ys).cpu()
+            out[k] = predicts(ctx.model(xa), ys).cpu()
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import TARGETED, pgd_budgets
+from ..attacks import TARGETED, pgd_budgets, predicts
 
 TARGETED_STEPS = 100
 """Steps per target (APGD-T's count)."""
@@ -48,5 +48,5 @@ def targeted_robust(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, row, g
                             prune=True)[row.steps]
         check(xs[sel], x_adv, row.eps)
         with torch.no_grad():
-            ok[sel] = model(x_adv).argmax(1) == ys[sel]
+            ok[sel] = predicts(model(x_adv), ys[sel])
     return ok.cpu()

@@ -209,6 +209,24 @@ def test_nan_logits_never_count_as_correct_and_are_flagged_on_clean_images():
     assert acc["whitebox/pgd-5"] == acc["whitebox/cw-5"] == 0.0  # not the 25% of class 0 argmax would give
 
 
+def test_a_nan_input_gradient_is_flagged_like_a_zero_one():
+    x, y = level_data()
+
+    class NaNGradient(nn.Module):  # Levels' logits exactly, but d/dx sqrt(|x - x|) is NaN everywhere
+        def forward(self, x):
+            return Levels()(x) + 0 * torch.sqrt((x - x.detach()).abs()).sum((1, 2, 3))[:, None]
+
+    rows = [Row("natural"), Row("whitebox", "ce", 5, 0.1, 0.025)]
+    sound = evaluate_model(Levels(), x, y, eps=0.1, step_size=0.025, rows=rows, progress=False)
+    nan = evaluate_model(NaNGradient(), x, y, eps=0.1, step_size=0.025, rows=rows, progress=False)
+    acc = lambda res: {r["id"]: r["accuracy"] for r in res["rows"]}
+    # PGD stands still at a NaN gradient (sign(NaN) is 0 here), so the white-box row is clean accuracy
+    assert acc(sound)["whitebox/pgd-5"] == 0.0 and acc(nan)["whitebox/pgd-5"] > 0.5
+    assert _status(sound)["zero_gradients"] == "pass"
+    assert _status(nan)["zero_gradients"] == "flagged" and nan["masking_suspected"]
+    assert "; 40 have a NaN or infinite gradient of the CE loss, 40 of the margin" in _detail(nan, "zero_gradients")
+
+
 def test_a_model_that_does_not_return_logits_is_refused_in_one_line():
     x, y = level_data(8)
 

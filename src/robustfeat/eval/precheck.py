@@ -3,10 +3,10 @@
 One pass over the examples gives the clean predictions every row counts from (computed once) and,
 from the same forward pass, what AutoAttack checks before attacking:
 
-* ``zero_gradients``: examples whose input gradient is exactly zero, of the cross-entropy loss (the
-  PGD rows' loss) or of the logit margin z_y - max_{i != y} z_i (the CW and targeted rows'). A gradient
-  attack does not move from such a point, so its row overstates robustness there (quantized inputs,
-  saturated softmax, non-differentiable layers);
+* ``zero_gradients``: examples whose input gradient is exactly zero, or NaN or infinite anywhere, of
+  the cross-entropy loss (the PGD rows' loss) or of the logit margin z_y - max_{i != y} z_i (the CW and
+  targeted rows'). A gradient attack does not move from such a point, so its row overstates robustness
+  there (quantized inputs, saturated softmax, non-differentiable layers, a sqrt or log at 0);
 * ``deterministic_logits``: a second forward pass on the same images gives the same logits (relative
   difference at most ``RANDOM_TOL``) and predictions; a randomized model needs attacks that average
   over its randomness, which the suite does not do;
@@ -52,6 +52,8 @@ class CleanPass:
     max_rel_diff: float = 0.0
     changed: int = 0
     nonfinite: int = 0
+    nan_ce: int = 0  # correctly classified examples with a NaN or infinite input gradient
+    nan_margin: int = 0
     probabilities: bool = True  # until a batch shows otherwise
 
 
@@ -101,7 +103,8 @@ def clean_pass(model: nn.Module, batch: Callable, n: int, batch_size: int, *, pr
 
 
 def _count_zero_gradients(res: CleanPass, logits, xg, yb, ok) -> None:
-    """Count the correctly classified examples whose CE / margin input gradient is all zero."""
+    """Count the correctly classified examples whose CE / margin input gradient is all zero, and those
+    whose gradient holds a NaN or an infinity."""
     if not logits.requires_grad:  # the logits do not depend differentiably on the input at all
         res.zero_ce += int(ok.sum())
         res.zero_margin += int(ok.sum())
@@ -109,9 +112,12 @@ def _count_zero_gradients(res: CleanPass, logits, xg, yb, ok) -> None:
     ce = F.cross_entropy(logits.float(), yb, reduction="sum")
     (g_ce,) = torch.autograd.grad(ce, xg, retain_graph=True, allow_unused=True)
     (g_m,) = torch.autograd.grad(logit_margin(logits.float(), yb).sum(), xg, allow_unused=True)
-    for g, attr in ((g_ce, "zero_ce"), (g_m, "zero_margin")):
+    for g, attr, bad_attr in ((g_ce, "zero_ce", "nan_ce"), (g_m, "zero_margin", "nan_margin")):
         zero = ok if g is None else (g.flatten(1).abs().amax(1) == 0) & ok
         setattr(res, attr, getattr(res, attr) + int(zero.sum()))
+        if g is not None:  # sign(NaN) is 0 on the CPU: PGD stands still there, as at a zero gradient
+            bad = ~torch.isfinite(g.flatten(1)).all(1) & ok
+            setattr(res, bad_attr, getattr(res, bad_attr) + int(bad.sum()))
 
 
 def _compare_passes(res: CleanPass, first: torch.Tensor, again: torch.Tensor) -> None:
@@ -127,11 +133,14 @@ def _compare_passes(res: CleanPass, first: torch.Tensor, again: torch.Tensor) ->
 def precheck_results(cp: CleanPass) -> list[dict]:
     """The four pre-attack checks as check dicts ('pass' or 'flagged')."""
     m = int(cp.correct.sum())
-    zero = cp.zero_ce + cp.zero_margin
-    checks = [{"name": "zero_gradients", "status": "flagged" if zero else "pass",
-               "detail": f"{cp.zero_ce} of {m} correctly classified examples have an all-zero input gradient of "
-                         f"the CE loss, {cp.zero_margin} of the logit margin" + (
-                             ": gradient attacks cannot move there" if zero else "")}]
+    zero, bad = cp.zero_ce + cp.zero_margin, cp.nan_ce + cp.nan_margin
+    detail = (f"{cp.zero_ce} of {m} correctly classified examples have an all-zero input gradient of the CE "
+              f"loss, {cp.zero_margin} of the logit margin")
+    if bad:
+        detail += (f"; {cp.nan_ce} have a NaN or infinite gradient of the CE loss, {cp.nan_margin} of the "
+                   "margin")
+    checks = [{"name": "zero_gradients", "status": "flagged" if zero or bad else "pass",
+               "detail": detail + (": gradient attacks cannot move there" if zero or bad else "")}]
     random = cp.max_rel_diff > RANDOM_TOL or cp.changed > 0
     checks.append({"name": "deterministic_logits", "status": "flagged" if random else "pass",
                    "detail": f"two forward passes on the same images: largest relative logit difference "

@@ -62,9 +62,9 @@ def targeted_margin_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Te
 
 def predicts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per example: the logits classify it as ``y``. Every correct and robust flag of the evaluation
-    (and of training's validation) comes from here. A row with a NaN or infinite logit never counts as correct: its argmax is arbitrary
-    (torch's picks a NaN), so a model that breaks down numerically off the clean images would
-    otherwise look robust on the examples whose label happens to be picked."""
+    (and of training's validation) comes from here. A row with a NaN or infinite logit never counts as
+    correct: its argmax is arbitrary (torch's picks a NaN), so a model that breaks down numerically off
+    the clean images would otherwise look robust on the examples whose label happens to be picked."""
     return (logits.argmax(1) == y) & torch.isfinite(logits).all(1)
 
 

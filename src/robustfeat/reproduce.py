@@ -74,17 +74,19 @@ SEEDS = (0, 1)
 EVAL_N: dict[str, dict[str, int | None]] = {
     "paper": {"mnist": None, "cifar": None},  # the whole test set
     "cpu": {"mnist": 1000, "cifar": 1000},  # seeded samples (all 1,000 of the exact CIFAR-10 test images)
+    "cpu-3epoch": {"mnist": 1000, "cifar": 1000},
     "cpu-1epoch": {"mnist": 1000, "cifar": 500},  # seeded test samples, reported with 95% Wilson intervals
     "fast": {"mnist": 1000, "cifar": 500},
     "smoke": {"mnist": 20, "cifar": 16},
 }
 """Test images per evaluation, by budget and dataset family (budget arithmetic: presets/_*.yaml)."""
 
-ANALYSIS_N: dict[str, int | None] = {"paper": None, "cpu": 1000, "cpu-1epoch": 1000, "fast": 1000, "smoke": 16}
+ANALYSIS_N: dict[str, int | None] = {"paper": None, "cpu": 1000, "cpu-3epoch": 1000, "cpu-1epoch": 1000, "fast": 1000, "smoke": 16}
 """Images per split for Figure 2 and Table 4 (None: the whole training and test sets)."""
 
 AUTOATTACK_N: dict[str, dict[str, int]] = {"paper": {"mnist": 1000, "cifar": 1000},
-                                           "cpu": {"mnist": 300, "cifar": 500}}
+                                           "cpu": {"mnist": 300, "cifar": 500},
+                                           "cpu-3epoch": {"mnist": 300, "cifar": 500}}
 """Test images (seeded sample) for AutoAttack (standard) on each evaluated seed-0 model, beside natural
 accuracy and the preset's PGD on the same images; budgets not listed run no AutoAttack."""
 

@@ -16,8 +16,9 @@ def register(sub) -> None:
         "with our numbers beside the paper's. Re-running skips finished work and resumes interrupted runs.")
     s.add_argument("target", choices=list(TARGETS), metavar="TARGET", help=", ".join(TARGETS))
     s.add_argument("--budget", default="cpu",
-                   help="paper (published schedules), cpu (short CPU schedules, default), cpu-1epoch (CIFAR: "
-                   "one epoch), fast (FGSM-RS, beyond the paper) or smoke (seconds, for checks)")
+                   help="paper (published schedules), cpu (short CPU schedules, default), cpu-3epoch (CIFAR: "
+                   "fp32, for CPUs without bf16 hardware), cpu-1epoch (CIFAR: one epoch), fast (FGSM-RS, beyond "
+                   "the paper) or smoke (seconds, for checks)")
     s.add_argument("--out", help="output directory (default results/TARGET-BUDGET)")
     s.add_argument("--runs", help="where the run directories live (default OUT/runs); share it between targets")
     s.add_argument("--data-dir", help="data directory (default $ROBUSTFEAT_DATA, else the user cache)")

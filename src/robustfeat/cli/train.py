@@ -29,7 +29,7 @@ def register(sub) -> None:
                        "e.g. optim.steps=100 attack.eps=8/255.")
     s.add_argument("--preset", help="preset name (robustfeat presets)")
     s.add_argument("--config", help="a YAML config file instead of a preset")
-    s.add_argument("--budget", default="paper", help="paper (the published schedule) or a short budget: cpu, cpu-1epoch (CIFAR), fast (FGSM-RS) or smoke")
+    s.add_argument("--budget", default="paper", help="paper (the published schedule) or a short budget: cpu, cpu-3epoch or cpu-1epoch (CIFAR), fast (FGSM-RS) or smoke")
     s.add_argument("--out", help="run directory (default runs/PRESET[-BUDGET]-seedN)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
     s.add_argument("--data-dir", help="data directory (default $ROBUSTFEAT_DATA, else the user cache)")

@@ -13,5 +13,5 @@ for d in "$here"/runs/*/; do
   [ -e "$runs/runs/$name" ] || cp -r "$d" "$runs/runs/$name"
 done
 nohup robustfeat reproduce table2 --budget cpu-3epoch --runs "$runs/runs" --out "$runs/out" \
-  --data-dir "$data" > "$runs/reproduce.log" 2>&1 &
+  --data-dir "$data" >> "$runs/reproduce.log" 2>&1 &
 echo "started (pid $!); progress: tail -f $runs/reproduce.log"

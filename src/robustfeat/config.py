@@ -87,6 +87,7 @@ BnMode = Literal["train", "eval"]
 OptimName = Literal["sgd", "adam"]
 Schedule = Literal["step", "cyclic"]
 Precision = Literal["fp32", "bf16"]
+Select = Literal["best-val", "final"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 CompileBackend = Literal["inductor", "aot_eager"]
 
@@ -96,6 +97,7 @@ DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 BN_MODES: tuple[str, ...] = get_args(BnMode)
 ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+SELECTS: tuple[str, ...] = get_args(Select)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 COMPILE_BACKENDS: tuple[str, ...] = get_args(CompileBackend)
 DATASET_FAMILIES: dict[str, str | None] = {
@@ -362,6 +364,12 @@ class RunConfig:
     """Validation images used by each periodic evaluation (0 = the whole split)."""
     checkpoint_every: int = 0
     """Extra checkpoints between evaluations, in steps; 0 = only at evaluations and at the end."""
+    select: Select = "best-val"
+    """Which weights the ``best`` checkpoint holds (the ones every evaluation and analysis uses):
+    best-val, those of the periodic validation with the highest selection metric (early stopping, as
+    against robust overfitting in long step schedules); or final, the last step's, for short schedules
+    that anneal the learning rate to 0, where a few noisy mid-schedule validations would pick weights
+    that have not finished annealing. Validation runs and is logged either way."""
     log_every: int = 50
     """Steps between metric lines in metrics.jsonl."""
     tensorboard: bool = False
@@ -429,6 +437,7 @@ class RunConfig:
         _int("run.eval_every", self.eval_every, 1)
         _int("run.eval_size", self.eval_size, 0)
         _int("run.checkpoint_every", self.checkpoint_every, 0)
+        _choice("run.select", self.select, SELECTS)
         _int("run.log_every", self.log_every, 1)
         _bool("run.tensorboard", self.tensorboard)
         _bool("run.channels_last", self.channels_last)
@@ -448,6 +457,9 @@ class RunConfig:
         if self.rollback_lr > 1:
             _fail("run.rollback_lr", self.rollback_lr, "a learning-rate factor in (0, 1], e.g. 0.5")
         _int("run.rollback_after", self.rollback_after, 0)
+        if self.select == "final" and self.rollback_drop > 0:
+            _fail("run.select", self.select, "best-val with run.rollback_drop > 0 (a rollback goes back to the "
+                  "best validation's weights, which run.select=final does not keep)")
         _num("run.restart_below", self.restart_below, 0.0)
         if self.restart_below >= 1:
             _fail("run.restart_below", self.restart_below, "a clean validation accuracy in [0, 1), e.g. 0.2 "

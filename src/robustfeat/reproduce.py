@@ -543,6 +543,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
             "dir": os.path.relpath(d, out), "path": str(d), "step": rec["step"], "steps": cfg.optim.steps,
             "examples": cfg.optim.steps * cfg.optim.batch_size,
             "best_val": rec["best_val"], "best_metric": rec["best_metric"], "last_val": rec["last_val"],
+            "select": cfg.run.select,
             "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
             "revisions": train_revisions(d),
             "weights_fingerprint": model_fingerprint(load_model(d)) if _best_sha(d) else None,
@@ -672,8 +673,15 @@ def render_readme(s: dict) -> str:
         L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
                  f"{bv_text} | {_hms(r['wall_seconds'])} | "
                  f"{revs or '?'} | {_short(r['weights_fingerprint'])} | `{r['dir']}` |")
+    selects = {r.get("select", "best-val") for r in s["runs"]}
+    chosen = ("the `best` checkpoint is chosen by it (PGD accuracy; clean accuracy for a naturally trained model) "
+              "and evaluated" if selects == {"best-val"} else
+              "the budget's `run.select=final` makes the `best` checkpoint the last step's weights (its learning rate "
+              "anneals to 0 there), which are evaluated; validation is watched, not used to choose"
+              if selects == {"final"} else
+              f"`run.select` differs between the runs ({', '.join(sorted(selects))}): see each run's config")
     L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
-          "the `best` checkpoint is chosen by it (PGD accuracy; clean accuracy for a naturally trained model) and evaluated. *weights*: the start of the sha256 of the "
+          f"{chosen}. *weights*: the start of the sha256 of the "
           "`best` weights' tensors (names, shapes, values; `model_fingerprint` in eval.json), which a rerun of "
           "the same command on the same kind of machine reproduces."), "", "## Budget", ""]
     if s["budget"] == "paper":

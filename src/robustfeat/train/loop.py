@@ -327,7 +327,7 @@ def save(run: Run, step: int, val: dict[str, float] | None) -> None:
         run.saved_step = step
         return
     cfg, state, model, evaluated = run.cfg, run.state, run.model, run.evaluated
-    improved = state.record(step, val)
+    improved = state.record(step, val, final_step=cfg.optim.steps if cfg.run.select == "final" else None)
     extra = state.extra(val, run.splits.dataset)
     for m in (model,) if evaluated is model else (model, evaluated):  # never save broken weights
         for name, t in m.state_dict().items():

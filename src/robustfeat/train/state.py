@@ -45,9 +45,12 @@ class TrainState:
     """The validation accuracy that picks ``best`` (``MethodSpec.selection_metric``); stored as
     ``best_metric``."""
 
-    def record(self, step: int, val: dict[str, float] | None) -> bool:
-        """Take a validation of ``step`` into account; whether it is a new best."""
-        improved = val is not None and val[self.metric] > self.best
+    def record(self, step: int, val: dict[str, float] | None, final_step: int | None = None) -> bool:
+        """Take a validation of ``step`` into account; whether it becomes the best. With ``final_step``
+        (``run.select=final``) only the validation of that step does, whatever its value."""
+        if val is None:
+            return False
+        improved = step == final_step if final_step is not None else val[self.metric] > self.best
         if improved:
             self.best, self.best_step = val[self.metric], step
         return improved

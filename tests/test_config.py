@@ -58,6 +58,8 @@ def test_overrides_and_fractions():
         (["attack.clip_start=false", "attack.restarts=2"], r"attack.clip_start=False is invalid: expected true unless"),
         (["optim.schedule=cosine"], r"optim.schedule='cosine' is invalid: expected one of step, cyclic"),
         (["run.rollback_drop=3"], r"run.rollback_drop=3 is invalid: expected a drop of validation PGD accuracy"),
+        (["run.select=best"], r"run.select='best' is invalid: expected one of best-val, final"),
+        (["run.select=final", "run.rollback_drop=0.05"], r"run.select='final' is invalid: expected best-val with run.rol"),
         (["run.rollback_drop=-0.1"], r"run.rollback_drop=-0.1 is invalid: expected a number >= 0"),
         (["run.rollback_lr=0"], r"run.rollback_lr=0 is invalid: expected a number > 0"),
         (["run.rollback_lr=2"], r"run.rollback_lr=2 is invalid: expected a learning-rate factor in \(0, 1\]"),

@@ -195,6 +195,23 @@ class ScriptedValidation:
         return {"clean_acc": self.clean[self.calls - 1], "pgd_acc": self.pgd[self.calls - 1]}
 
 
+@pytest.mark.parametrize("select", ["best-val", "final"])
+def test_select_decides_which_weights_best_holds(cfg, splits, tmp_path, monkeypatch, select):
+    """best-val keeps the highest validation (step 2 here); final keeps the last step's weights
+    although its validation is the lowest, and records that validation as the best's."""
+    train_module = importlib.import_module("robustfeat.train.loop")  # where the loop looks up its pieces
+    every = replace(cfg, run=replace(cfg.run, eval_every=1, log_every=1, select=select))
+    monkeypatch.setattr(train_module, "evaluate_split", ScriptedValidation([0.5, 0.8, 0.6, 0.4, 0.3, 0.2]))
+    res = train(every, tmp_path / "run", splits=splits, progress=False)
+    meta = read_checkpoint(tmp_path / "run/checkpoints/best.safetensors")[1]
+    best, last = _tensors(tmp_path / "run", "model.", "best"), _tensors(tmp_path / "run", "model.")
+    same = all(torch.equal(best[k], last[k]) for k in last)
+    if select == "final":
+        assert (meta["step"], meta["extra"]["best_step"], res.best_val) == (6, 6, 0.2) and same
+    else:
+        assert (meta["step"], meta["extra"]["best_step"], res.best_val) == (2, 2, 0.8) and not same
+
+
 def _guarded(cfg, **run):
     return replace(cfg, run=replace(cfg.run, eval_every=1, log_every=1, rollback_drop=0.1, rollback_lr=0.5, **run))
 

@@ -428,6 +428,11 @@ def test_cli_paper_suite_with_black_box_writes_every_output(runs, capsys):
     res = json.loads((out / "eval.json").read_text())
     assert res["n"] == 16 and len(res["indices"]) == 16 and res["subset"].startswith("seeded subset")
     assert res["model"]["sha256"] and res["model"]["preset"] == "mnist-at-reg" and res["source"]["seed"] == 1
+    # what computed the numbers travels with them: the code's revision (this checkout's) and versions
+    from robustfeat.train.rundir import git_revision
+
+    assert res["produced_by"]["git_revision"] == git_revision() and res["produced_by"]["torch"] == torch.__version__
+    assert f"at `{git_revision()}`" in (out / "eval.md").read_text()
     ids = [r["id"] for r in res["rows"]]
     assert {
         "natural",

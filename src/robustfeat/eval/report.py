@@ -44,6 +44,9 @@ def render_markdown(result: dict[str, Any]) -> str:
                  f"eps {s['eps']:.6g}, step {s['step_size']:.6g}, restarts {s['restarts']}, random start, "
                  f"seed {s['seed']}")
     lines.append("- an example counts as robust only if its clean image is also classified correctly")
+    if result.get("produced_by"):
+        by = result["produced_by"]
+        lines.append(f"- computed by robustfeat {by['robustfeat']} at `{by['git_revision']}`, torch {by['torch']}")
     lines += _headline(result)
     head = ["Method", "Ours", "95% CI", "n"]
     if paper:

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_tensors
 
+from .. import __version__
 from ..build import build_splits, resolve_device
 from ..checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text
 from ..config import AttackConfig, ConfigError, load_config
 from ..data import DataError
 from ..seeding import derived_seed
+from ..train.rundir import git_revision
 from .checks import check_settings, independent_source_check, masking_suspected
 from .curves import write_curves
 from .load import checkpoint_path, load_run, run_identity
@@ -163,6 +165,7 @@ def evaluate_test_set(model, x_test: torch.Tensor, y_test: torch.Tensor, *, n: i
 
 def finish(res: dict[str, Any], out: Path, idx: torch.Tensor | None) -> dict[str, Any]:
     """Write the result's files under ``out``; the result without its per-example flags."""
+    res["produced_by"] = {"robustfeat": __version__, "git_revision": git_revision(), "torch": torch.__version__}
     write_outputs(out, res, idx, res["n"])
     res.pop("per_example")
     res["outputs"] = str(out)

@@ -39,6 +39,9 @@ def test_run_directory_contents(cfg, splits, tmp_path):
     assert {"loss", "ce", "reg", "adv_acc", "lr", "eps", "examples_per_s"} <= set(train_rec)
     info = json.loads((run / "run.json").read_text())
     assert info["git_revision"] and info["sessions"][0]["to_step"] == 6
+    # the hardware a bit-for-bit rerun needs: CPU kernels round differently on other CPUs
+    assert info["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(info["machine"]["cpu"], str)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cfg, splits, tmp_path):

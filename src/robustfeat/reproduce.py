@@ -683,7 +683,8 @@ def render_readme(s: dict) -> str:
     L += ["", ("Validation accuracy is measured on a split held out of the training set (never the test set); "
           f"{chosen}. *weights*: the start of the sha256 of the "
           "`best` weights' tensors (names, shapes, values; `model_fingerprint` in eval.json), which a rerun of "
-          "the same command on the same kind of machine reproduces."), "", "## Budget", ""]
+          "the same command reproduces on the same CPU model with the same thread count; on another CPU the "
+          "kernels round differently and a rerun is another sample (docs/run-directory.md)."), "", "## Budget", ""]
     if s["budget"] == "paper":
         L.append("The published schedules, unchanged.")
     else:

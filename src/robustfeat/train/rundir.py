@@ -345,12 +345,28 @@ def git_revision() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows, maybe '')."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where a run or an evaluation was computed. The CPU and the vector instructions torch dispatches
+    to belong here because CPU kernels round differently on other hardware: a rerun on the same CPU
+    repeats a run bit for bit, one on another CPU only statistically."""
     info = {
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),

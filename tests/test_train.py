@@ -215,6 +215,25 @@ def test_select_decides_which_weights_best_holds(cfg, splits, tmp_path, monkeypa
         assert (meta["step"], meta["extra"]["best_step"], res.best_val) == (2, 2, 0.8) and not same
 
 
+def test_a_run_that_adopts_select_final_keeps_its_checkpoints(cfg, splits, tmp_path):
+    """run.select names a checkpoint best and changes no weights: a finished run whose config.yaml
+    records it afterwards (results/table2-cpu-3epoch/adopt_select_final.py) still loads, while a
+    config.yaml that changes what training does is still refused."""
+    import yaml
+
+    from robustfeat import load_model
+    from robustfeat.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(cfg, run, splits=splits, progress=False)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**raw, "run": {**raw["run"], "select": "final"}}))
+    load_model(run)
+    (run / "config.yaml").write_text(yaml.safe_dump({**raw, "run": {**raw["run"], "select": "final", "seed": 5}}))
+    with pytest.raises(CheckpointError, match=r"was not written by the run .*run.seed"):
+        load_model(run)
+
+
 def _guarded(cfg, **run):
     return replace(cfg, run=replace(cfg.run, eval_every=1, log_every=1, rollback_drop=0.1, rollback_lr=0.5, **run))
 

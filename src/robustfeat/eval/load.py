@@ -13,7 +13,7 @@ from torch import nn
 from ..build import build_model, resolve_device
 from ..checkpoint import CheckpointError, check_architecture, load_into, read_checkpoint
 from ..config import ConfigError, config_from_dict, read_config_file
-from ..train.rundir import BEST, LAST, experiment_differences, same_experiment
+from ..train.rundir import BEST, LAST, experiment_differences, same_training
 
 
 def _run_dir(run_dir: Any) -> Path:
@@ -66,7 +66,7 @@ def _check_belongs(run_dir: Path, path: Path, meta: dict[str, Any]) -> None:
     if not run_dir.is_dir() or not cfg_file.exists():
         return  # a checkpoint alone carries its config
     saved = read_config_file(cfg_file).to_dict()
-    if not same_experiment(saved, meta["config"]):
+    if not same_training(saved, meta["config"]):
         raise CheckpointError(
             f"checkpoint {str(path)!r} was not written by the run in {str(run_dir)!r}: its config differs "
             f"from {str(cfg_file)!r} ({experiment_differences(meta['config'], saved)}: checkpoint / run); "

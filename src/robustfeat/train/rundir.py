@@ -196,6 +196,21 @@ def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return _experiment(a) == _experiment(b)
 
 
+NAMING_KEYS = (("run", "select"),)
+"""Keys that decide which checkpoint is named ``best``, never what any checkpoint holds."""
+
+
+def same_training(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Configs that train the same weights step by step: ``same_experiment`` up to ``NAMING_KEYS``
+    (a checkpoint written before ``run.select`` existed belongs to its run after the run adopts it)."""
+    a, b = _experiment(a), _experiment(b)
+    for sec, key in NAMING_KEYS:
+        for d in (a, b):
+            if isinstance(d.get(sec), dict):
+                d[sec] = {k: v for k, v in d[sec].items() if k != key}
+    return a == b
+
+
 def experiment_differences(a: dict[str, Any], b: dict[str, Any], limit: int = 3) -> str:
     """The first keys where two configs differ as experiments, e.g. "method.name 'at' / 'at-reg'"."""
     a, b = _experiment(a), _experiment(b)

@@ -29,8 +29,7 @@ def adopt(run_dir: Path) -> str:
     at = lines.index("  checkpoint_every: 100\n")  # inside run:, where the budget file puts the key
     lines.insert(at + 1, "  select: final\n")
     (run_dir / "config.yaml").write_text("".join(lines))
-    seed = read_config_file(run_dir / "config.yaml").run.seed
-    asked = run_config(RunSpec(cfg.name, seed, ""), "cpu-3epoch", [], None).to_dict()
+    asked = run_config(RunSpec(cfg.name, cfg.run.seed, ""), "cpu-3epoch", [], None).to_dict()
     saved = read_config_file(run_dir / "config.yaml").to_dict()
     if not same_experiment(saved, asked):
         raise SystemExit(f"{run_dir}: config differs from the budget's: {experiment_differences(saved, asked)}")

@@ -3,6 +3,7 @@
 import importlib
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,8 @@ def test_run_directory_contents(cfg, splits, tmp_path):
     # the hardware a bit-for-bit rerun needs: CPU kernels round differently on other CPUs
     assert info["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(info["machine"]["cpu"], str)
+    if Path("/proc/cpuinfo").is_file():  # Linux: the CPU generation, beyond a virtual machine's model name
+        assert " family " in info["machine"]["cpu_id"] and " model " in info["machine"]["cpu_id"]
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cfg, splits, tmp_path):

@@ -371,6 +371,24 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def cpu_id() -> str:
+    """Vendor, family, model and stepping (Linux: /proc/cpuinfo; '' elsewhere). Virtual machines often
+    name every CPU generation alike ("AMD EPYC"); these numbers tell the generations apart."""
+    keys = {"vendor_id": "", "cpu family": "family ", "model": "model ", "stepping": "stepping "}
+    found: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            k = k.strip()
+            if k in keys and k not in found:
+                found[k] = keys[k] + v.strip()
+            if len(found) == len(keys) or not line.strip():
+                break
+    except OSError:
+        return ""
+    return " ".join(found[k] for k in keys if k in found)
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Where a run or an evaluation was computed. The CPU and the vector instructions torch dispatches
     to belong here because CPU kernels round differently on other hardware: a rerun on the same CPU
@@ -381,6 +399,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

@@ -247,6 +247,21 @@ def test_verdicts_follow_the_stated_rule(pairs, seeds, paper, expected):
     assert f"{o0:+.2f}" in v["reason"] and f"{o1:+.2f}" in v["reason"]
 
 
+def test_verdict_reason_says_when_both_intervals_exclude_the_papers_size():
+    def reason(paper, seed0, seed1):
+        comps = [_cmp("whitebox/pgd-20", "method", "at", "at-reg", *seed0, paper),
+                 _cmp("whitebox/pgd-20", "method-seed1", "at-seed1", "at-reg-seed1", *seed1, paper),
+                 _cmp("whitebox/pgd-20", "seed", "at-seed0", "at-seed1", 0.1, -9, 9)]
+        (v,) = rp.verdicts(comps)
+        assert v["verdict"] == "not resolved"
+        return v["reason"]
+    near_zero, wide = (-0.8, -2.0, +0.4), (+2.0, -0.5, +5.0)
+    assert "the paper's +4.86 lies above both intervals" in reason(+4.86, near_zero, (-1.2, -2.5, +0.1))
+    assert "lies below both intervals" in reason(-4.0, near_zero, (-1.2, -2.5, +0.1))
+    assert "lies" not in reason(+4.86, near_zero, wide)  # inside the seed-1 interval
+    assert "lies" not in reason(+4.86, wide, near_zero)  # inside the seed-0 interval
+
+
 def test_cli_shows_progress_in_a_log_file_too(monkeypatch, capsys):
     """Under nohup stderr is a file: progress must still be on (progress.py writes plain lines there)."""
     import robustfeat.cli.reproduce as cli_rp

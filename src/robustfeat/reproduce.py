@@ -859,9 +859,13 @@ def _reason(claim, d0, d1, c, rep, noise, beats_noise) -> str:
     noise_txt = "no seed-to-seed rows" if noise is None else f"seed-to-seed change up to {noise:.2f}"
     if claim == 0:
         return f"paper: no difference ({c['paper']:+.2f}); {pairs}"
+    # a claim can be unresolved in sign and still be ruled out in size: say so when both pairs exclude it
+    beyond = [p for p in ("above", "below") if all(
+        (x["ci95"][1] < c["paper"]) if p == "above" else (x["ci95"][0] > c["paper"]) for x in (c, rep))]
+    size = f"; the paper's {c['paper']:+.2f} lies {beyond[0]} both intervals" if beyond else ""
     if d0 == d1 != 0 and not beats_noise:
-        return f"{pairs}, but not larger than the {noise_txt}"
-    return f"{pairs}; {noise_txt}"
+        return f"{pairs}, but not larger than the {noise_txt}{size}"
+    return f"{pairs}; {noise_txt}{size}"
 
 
 def _verdict_section(s: dict) -> list[str]:
@@ -873,7 +877,8 @@ def _verdict_section(s: dict) -> list[str]:
           "seed pairs measure. *Reproduced*: both independently trained pairs show it, each interval excludes "
           "zero on the paper's side, and both are larger than the seed-to-seed change of either method. "
           "*Contradicted*: the same, on the other side. *Not resolved at this budget*: anything else; the "
-          "reason says which condition fails. A paper difference under "
+          "reason says which condition fails, and whether the paper's difference lies outside both intervals "
+          "(then the claimed size, though not its sign, is ruled out at this budget). A paper difference under "
           f"{NO_CLAIM_POINTS} points is read as \"no difference\"."), "",
          "| row | difference | paper | seed 0 | seed 1 | verdict | why |", "|---|---|---|---|---|---|---|"]
     for v in rows:

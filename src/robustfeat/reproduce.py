@@ -860,9 +860,9 @@ def _reason(claim, d0, d1, c, rep, noise, beats_noise) -> str:
     if claim == 0:
         return f"paper: no difference ({c['paper']:+.2f}); {pairs}"
     # a claim can be unresolved in sign and still be ruled out in size: say so when both pairs exclude it
-    beyond = [p for p in ("above", "below") if all(
-        (x["ci95"][1] < c["paper"]) if p == "above" else (x["ci95"][0] > c["paper"]) for x in (c, rep))]
-    size = f"; the paper's {c['paper']:+.2f} lies {beyond[0]} both intervals" if beyond else ""
+    where = ("above" if c["paper"] > max(c["ci95"][1], rep["ci95"][1])
+             else "below" if c["paper"] < min(c["ci95"][0], rep["ci95"][0]) else None)
+    size = f"; the paper's {c['paper']:+.2f} lies {where} both intervals" if where else ""
     if d0 == d1 != 0 and not beats_noise:
         return f"{pairs}, but not larger than the {noise_txt}{size}"
     return f"{pairs}; {noise_txt}{size}"

@@ -360,33 +360,33 @@ def git_revision() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows, maybe '')."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (Linux; empty elsewhere)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            k, _, v = line.partition(":")
+            fields[k.strip()] = v.strip()
     except OSError:
         pass
-    return platform.processor()
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows, maybe '')."""
+    return _cpuinfo().get("model name") or platform.processor()
 
 
 def cpu_id() -> str:
-    """Vendor, family, model and stepping (Linux: /proc/cpuinfo; '' elsewhere). Virtual machines often
+    """Vendor, family, model and stepping ('' where /proc/cpuinfo is missing). Virtual machines often
     name every CPU generation alike ("AMD EPYC"); these numbers tell the generations apart."""
-    keys = {"vendor_id": "", "cpu family": "family ", "model": "model ", "stepping": "stepping "}
-    found: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            k = k.strip()
-            if k in keys and k not in found:
-                found[k] = keys[k] + v.strip()
-            if len(found) == len(keys) or not line.strip():
-                break
-    except OSError:
-        return ""
-    return " ".join(found[k] for k in keys if k in found)
+    f = _cpuinfo()
+    parts = [f.get("vendor_id", "")] + [f"{k} {f[v]}" for k, v in
+                                        (("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))
+                                        if v in f]
+    return " ".join(p for p in parts if p)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

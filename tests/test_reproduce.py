@@ -145,6 +145,8 @@ def test_table1_end_to_end_writes_the_readme(table1):
                                          - nat0)
     for r in s["runs"]:
         assert r["revisions"] and f"`{r['revisions'][0][:10]}" in text
+        assert r["machines"] == [rp.machine_label(json.loads((out / r["dir"] / "run.json").read_text())["machine"])]
+        assert f"| {r['machines'][0]} |" in text  # the Runs table names where each run trained
         assert f"`{r['weights_fingerprint'][:16]}`" in text
     assert s["runs"][0]["weights_fingerprint"] == ev["model_fingerprint"]  # the weights eval.json evaluated
     # AutoAttack on each seed-0 model, beside natural and the preset's PGD on the same 4 images
@@ -178,6 +180,22 @@ def test_interrupted_run_was_resumed_and_rerun_skips_finished_work(table1, capsy
     assert log.count("skipped") == 10, log  # 4 runs + 2 evaluations + 2 seed controls + 2 AutoAttacks
     assert ev_file.stat().st_mtime_ns == before
     assert len(json.loads((out / "runs/mnist-at-reg-seed1/run.json").read_text())["sessions"]) == 2
+
+
+def test_machine_label_names_the_cpu_kind_and_says_when_it_was_not_recorded(tmp_path):
+    zen4 = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 17 stepping 1", "cpu_capability": "AVX512",
+            "threads": 2, "device": "cpu"}
+    assert rp.machine_label(zen4) == "AMD EPYC, AVX512, family 25 model 17, 2 threads"
+    assert rp.machine_label({"threads": 2, "device": "cpu"}) == "CPU not recorded, 2 threads"  # an old run.json
+    assert rp.machine_label({"gpu": "NVIDIA H100", "cpu": "x", "threads": 8}) == "NVIDIA H100, 8 threads"
+    assert rp.machine_label(None) == "not recorded"
+    # a run resumed on another CPU lists both machines, in order, each once
+    old = {"threads": 2}
+    sessions = [{"machine": old}, {"machine": old}, {"machine": zen4}]
+    (tmp_path / "run.json").write_text(json.dumps({"sessions": sessions}))
+    assert rp.train_machines(tmp_path) == ["CPU not recorded, 2 threads",
+                                           "AMD EPYC, AVX512, family 25 model 17, 2 threads"]
+    assert rp.train_machines(tmp_path / "missing") == []
 
 
 def test_cli_dry_run_and_errors(table1, capsys):

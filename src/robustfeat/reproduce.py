@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,6 +294,36 @@ def train_revisions(run_dir: Path) -> list[str]:
     return out
 
 
+def machine_label(m: dict) -> str:
+    """A machine record of run.json in a few words: the CPU (or GPU), the vector instructions torch
+    dispatched to, the CPU's family and model where recorded, and the thread count. Records written
+    before robustfeat kept the CPU say so rather than guess it."""
+    if not isinstance(m, dict):
+        return "not recorded"
+    if m.get("gpu"):
+        parts = [str(m["gpu"])]
+    else:
+        parts = [str(m.get("cpu") or "CPU not recorded")]
+        if m.get("cpu_capability"):
+            parts.append(str(m["cpu_capability"]))
+        fam = re.search(r"family (\d+) model (\d+)", str(m.get("cpu_id", "")))
+        if fam:
+            parts.append(f"family {fam[1]} model {fam[2]}")
+    if m.get("threads"):
+        parts.append(f"{m['threads']} threads")
+    return ", ".join(parts)
+
+
+def train_machines(run_dir: Path) -> list[str]:
+    """The machines the run's training sessions ran on (``machine_label``), in order, without repeats."""
+    out: list[str] = []
+    for x in _sessions(run_dir) or []:
+        label = machine_label(x.get("machine"))
+        if label not in out:
+            out.append(label)
+    return out
+
+
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
         print(f"[reproduce] {msg}", flush=True)
@@ -545,7 +576,7 @@ def _summary(target, t, budget, out, runs_dir, runs, evals, analysis, overrides,
             "best_val": rec["best_val"], "best_metric": rec["best_metric"], "last_val": rec["last_val"],
             "select": cfg.run.select,
             "wall_seconds": wall_seconds(d), "state_before": r["state_before"],
-            "revisions": train_revisions(d),
+            "revisions": train_revisions(d), "machines": train_machines(d),
             "weights_fingerprint": model_fingerprint(load_model(d)) if _best_sha(d) else None,
         })
     results = {}
@@ -645,10 +676,10 @@ def render_readme(s: dict) -> str:
                                         "numbers)") + ".", "",
          f"- command: `{s['command']}`",
          f"- git revision: `{s['git_revision']}`",
-         f"- machine: {s['machine'].get('platform')}, {s['machine'].get('cpu_count')} CPUs, "
-         f"{s['machine'].get('threads')} torch threads, device {s['machine'].get('device')}"
-         + (f" ({s['machine']['gpu']})" if s["machine"].get("gpu") else "")
-         + f", torch {s['machine'].get('torch')}",
+         f"- machine: {s['machine'].get('platform')}, {s['machine'].get('cpu_count')} CPUs "
+         f"({machine_label(s['machine'])}), device {s['machine'].get('device')}"
+         + f", torch {s['machine'].get('torch')}; this is where this command ran, and each run's training "
+         "machine is in *trained on* under Runs",
          (f"- finished {s['finished']}; total training wall time "
          f"{_hms(sum(r['wall_seconds'] for r in s['runs']))}; evaluation "
          f"{_hms(sum((v['seconds'] or 0) for v in s['results'].values()))}"), ""]
@@ -664,15 +695,16 @@ def render_readme(s: dict) -> str:
     if s["analysis"]:
         L += _analysis_section(s["analysis"])
     L += ["## Runs", "",
-          "| run | role | steps | examples | best val | wall time | trained at | weights | directory |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| run | role | steps | examples | best val | wall time | trained at | trained on | weights | directory |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["runs"]:
         bv = r.get("best_val", r.get("best_val_pgd"))
         bv_text = "-" if bv is None or bv < 0 else f"{100 * bv:.1f}% {_METRIC_SHORT[r.get('best_metric', 'pgd_acc')]}"
         revs = ", ".join(f"`{x[:10]}{'-dirty' if x.endswith('-dirty') else ''}`" for x in r.get("revisions", []))
         L.append(f"| `{r['name']}` | {r['role']} | {r['step']:,} / {r['steps']:,} | {r['examples']:,} | "
                  f"{bv_text} | {_hms(r['wall_seconds'])} | "
-                 f"{revs or '?'} | {_short(r['weights_fingerprint'])} | `{r['dir']}` |")
+                 f"{revs or '?'} | {'; '.join(r.get('machines', [])) or '?'} | "
+                 f"{_short(r['weights_fingerprint'])} | `{r['dir']}` |")
     selects = {r.get("select", "best-val") for r in s["runs"]}
     chosen = ("the `best` checkpoint is chosen by it (PGD accuracy; clean accuracy for a naturally trained model) "
               "and evaluated" if selects == {"best-val"} else
@@ -684,7 +716,10 @@ def render_readme(s: dict) -> str:
           f"{chosen}. *weights*: the start of the sha256 of the "
           "`best` weights' tensors (names, shapes, values; `model_fingerprint` in eval.json), which a rerun of "
           "the same command reproduces on the same CPU model with the same thread count; on another CPU the "
-          "kernels round differently and a rerun is another sample (docs/run-directory.md)."), "", "## Budget", ""]
+          "kernels round differently and a rerun is another sample (docs/run-directory.md). *trained on*: each "
+          "training session's machine from run.json (the CPU, the vector instructions torch dispatched to, its "
+          "family and model, the thread count; sessions older than these fields say \"CPU not recorded\")."),
+          "", "## Budget", ""]
     if s["budget"] == "paper":
         L.append("The published schedules, unchanged.")
     else:

@@ -248,8 +248,12 @@ def _cmp(row, kind, a, b, ours, lo, hi, paper=None):
     (((+3.0, +1.0, +5.0), (+2.5, +0.5, +4.5)), (0.5, -2.8), +4.5, "not resolved"),
     # the pairs disagree in sign
     (((+3.0, +1.0, +5.0), (-3.0, -5.0, -1.0)), (0.5, 0.5), +4.5, "not resolved"),
-    # the paper claims no difference and neither pair finds one
-    (((+0.4, -1.0, +1.8), (-0.2, -1.6, +1.2)), (0.5, 0.5), -0.06, "reproduced"),
+    # the paper claims no difference and both intervals rule out more than a point either way
+    (((+0.2, -0.6, +0.9), (-0.1, -0.8, +0.7)), (0.5, 0.5), -0.06, "reproduced"),
+    # neither pair finds a difference, but the intervals are too wide to show there is none
+    (((+0.4, -1.0, +1.8), (-0.2, -1.6, +1.2)), (0.5, 0.5), -0.06, "not resolved"),
+    # the paper claims no difference and both pairs find one beyond the seed noise
+    (((+2.0, +0.8, +3.2), (+1.8, +0.6, +3.0)), (0.5, 0.5), +0.2, "contradicted"),
 ])
 def test_verdicts_follow_the_stated_rule(pairs, seeds, paper, expected):
     (o0, l0, h0), (o1, l1, h1) = pairs
@@ -278,6 +282,9 @@ def test_verdict_reason_says_when_both_intervals_exclude_the_papers_size():
     assert "lies below both intervals" in reason(-4.0, near_zero, (-1.2, -2.5, +0.1))
     assert "lies" not in reason(+4.86, near_zero, wide)  # inside the seed-1 interval
     assert "lies" not in reason(+4.86, wide, near_zero)  # inside the seed-0 interval
+    # a "no difference" claim: the reason gives the span of both intervals against the margin
+    assert reason(+0.42, (+0.9, -0.5, +2.3), (-1.0, -2.17, +0.17)).endswith(
+        "together they span -2.17 to +2.30, not within +-1.0")
 
 
 def test_cli_shows_progress_in_a_log_file_too(monkeypatch, capsys):

@@ -718,7 +718,8 @@ def render_readme(s: dict) -> str:
           "the same command reproduces on the same CPU model with the same thread count; on another CPU the "
           "kernels round differently and a rerun is another sample (docs/run-directory.md). *trained on*: each "
           "training session's machine from run.json (the CPU, the vector instructions torch dispatched to, its "
-          "family and model, the thread count; sessions older than these fields say \"CPU not recorded\")."),
+          "family and model, the thread count). Sessions from before these fields were recorded say \"CPU not recorded\" "
+          "or lack the family and model; a results folder's notes may say more."),
           "", "## Budget", ""]
     if s["budget"] == "paper":
         L.append("The published schedules, unchanged.")
@@ -845,12 +846,22 @@ def _comparisons(results: dict, controls: dict, runs: dict) -> list[dict]:
 
 # A paper difference smaller than this (in points) is read as the claim "no difference".
 NO_CLAIM_POINTS = 0.5
+# "No difference" is shown only by intervals that exclude any difference larger than this (in points):
+# an interval that merely includes zero is absence of evidence, and a wide one includes the paper's
+# claimed gains too. One point is below every non-zero difference the paper reports on the rows that
+# get verdicts (its smallest there is 1.27).
+EQUIVALENCE_POINTS = 1.0
 
 
 def _direction(entry: dict) -> int:
     """+1 / -1 when the paired 95% interval excludes zero on that side, else 0."""
     lo, hi = entry["ci95"]
     return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def _within_equivalence(*entries: dict) -> bool:
+    """True when every paired interval lies inside +-EQUIVALENCE_POINTS."""
+    return all(-EQUIVALENCE_POINTS <= e["ci95"][0] and e["ci95"][1] <= EQUIVALENCE_POINTS for e in entries)
 
 
 def verdicts(comparisons: list[dict]) -> list[dict]:
@@ -875,7 +886,8 @@ def verdicts(comparisons: list[dict]) -> list[dict]:
         beats_noise = noise is not None and min(abs(c["ours"]), abs(rep["ours"])) > noise
         agree = d0 == d1 != 0 and beats_noise
         if claim == 0:
-            verdict = ("contradicted" if agree else "reproduced" if d0 == d1 == 0 else "not resolved")
+            verdict = ("contradicted" if agree else "reproduced" if _within_equivalence(c, rep)
+                       else "not resolved")
         elif agree:
             verdict = "reproduced" if d0 == claim else "contradicted"
         else:
@@ -893,7 +905,12 @@ def _reason(claim, d0, d1, c, rep, noise, beats_noise) -> str:
              f"(interval {side(d1)})")
     noise_txt = "no seed-to-seed rows" if noise is None else f"seed-to-seed change up to {noise:.2f}"
     if claim == 0:
-        return f"paper: no difference ({c['paper']:+.2f}); {pairs}"
+        span = f"{min(c['ci95'][0], rep['ci95'][0]):+.2f} to {max(c['ci95'][1], rep['ci95'][1]):+.2f}"
+        if d0 == d1 != 0 and beats_noise:
+            return f"paper: no difference ({c['paper']:+.2f}); {pairs}; both larger than the {noise_txt}"
+        shown = "within" if _within_equivalence(c, rep) else "not within"
+        return (f"paper: no difference ({c['paper']:+.2f}); {pairs}; together they span {span}, {shown} "
+                f"+-{EQUIVALENCE_POINTS:.1f}")
     # a claim can be unresolved in sign and still be ruled out in size: say so when both pairs exclude it
     where = ("above" if c["paper"] > max(c["ci95"][1], rep["ci95"][1])
              else "below" if c["paper"] < min(c["ci95"][0], rep["ci95"][0]) else None)
@@ -914,7 +931,9 @@ def _verdict_section(s: dict) -> list[str]:
           "*Contradicted*: the same, on the other side. *Not resolved at this budget*: anything else; the "
           "reason says which condition fails, and whether the paper's difference lies outside both intervals "
           "(then the claimed size, though not its sign, is ruled out at this budget). A paper difference under "
-          f"{NO_CLAIM_POINTS} points is read as \"no difference\"."), "",
+          f"{NO_CLAIM_POINTS} points is read as \"no difference\", which is *reproduced* only when both intervals "
+          f"lie within +-{EQUIVALENCE_POINTS:.1f} points (below every difference the paper reports on these rows): "
+          "an interval that merely includes zero does not show that two methods are alike."), "",
          "| row | difference | paper | seed 0 | seed 1 | verdict | why |", "|---|---|---|---|---|---|---|"]
     for v in rows:
         L.append(f"| {v['title']} | {v['label']} | {_signed(v['paper'])} | {_signed(v['seed0'])} | "

@@ -47,6 +47,28 @@ def test_run_directory_contents(cfg, splits, tmp_path):
         assert " family " in info["machine"]["cpu_id"] and " model " in info["machine"]["cpu_id"]
 
 
+def test_git_revision_is_read_once_per_process(monkeypatch):
+    """A process that trains one run after another records the revision of the code it imported, even
+    when the checkout moves on (a commit) while it runs."""
+    import subprocess
+
+    from robustfeat.train import rundir
+    calls = []
+    heads = iter(["aaaa", "bbbb"])  # HEAD as git would answer before and after a commit
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        out = next(heads) if cmd[1] == "rev-parse" else ""
+        return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n", stderr="")
+    rundir.git_revision.cache_clear()
+    monkeypatch.setattr(rundir.subprocess, "run", fake_run)
+    try:
+        assert rundir.git_revision() == "aaaa" and rundir.git_revision() == "aaaa"
+        assert len(calls) == 2  # one rev-parse and one status, at the first call only
+    finally:
+        rundir.git_revision.cache_clear()
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(cfg, splits, tmp_path):
     train(cfg, tmp_path / "full", splits=splits, progress=False)
     train(cfg, tmp_path / "cut", splits=splits, progress=False, stop_after=4)  # stops mid-way (not at an eval)

@@ -11,6 +11,7 @@ See docs/run-directory.md for what each file holds; ``robustfeat.checkpoint`` fo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -342,7 +343,12 @@ def resume_plan(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
 # provenance: run.json
 
 
+@functools.cache
 def git_revision() -> str:
+    """The checkout's commit (with -dirty for uncommitted changes to tracked files), read once per process:
+    a long-lived process (a script that trains and evaluates one item after another) keeps running the
+    code it imported, so every record it writes names the revision of its first look, not a commit
+    made while it ran."""
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(

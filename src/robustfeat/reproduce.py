@@ -848,8 +848,8 @@ def _comparisons(results: dict, controls: dict, runs: dict) -> list[dict]:
 NO_CLAIM_POINTS = 0.5
 # "No difference" is shown only by intervals that exclude any difference larger than this (in points):
 # an interval that merely includes zero is absence of evidence, and a wide one includes the paper's
-# claimed gains too. One point is below every non-zero difference the paper reports on the rows that
-# get verdicts (its smallest there is 1.27).
+# claimed gains too. One point is below every non-zero difference the paper's Table 2 reports on the
+# rows that get verdicts (the smallest is 1.27).
 EQUIVALENCE_POINTS = 1.0
 
 

@@ -894,11 +894,11 @@ def verdicts(comparisons: list[dict]) -> list[dict]:
             verdict = "not resolved"
         out.append({"row": c["row"], "title": c["title"], "label": c["label"], "paper": c["paper"],
                     "seed0": c["ours"], "seed1": rep["ours"], "seed_noise": noise, "verdict": verdict,
-                    "reason": _reason(claim, d0, d1, c, rep, noise, beats_noise)})
+                    "reason": _reason(verdict, claim, d0, d1, c, rep, noise, beats_noise)})
     return out
 
 
-def _reason(claim, d0, d1, c, rep, noise, beats_noise) -> str:
+def _reason(verdict, claim, d0, d1, c, rep, noise, beats_noise) -> str:
     def side(d):
         return "above zero" if d > 0 else "below zero" if d < 0 else "includes zero"
     pairs = (f"seed-0 pair {c['ours']:+.2f} (interval {side(d0)}), seed-1 pair {rep['ours']:+.2f} "
@@ -906,9 +906,9 @@ def _reason(claim, d0, d1, c, rep, noise, beats_noise) -> str:
     noise_txt = "no seed-to-seed rows" if noise is None else f"seed-to-seed change up to {noise:.2f}"
     if claim == 0:
         span = f"{min(c['ci95'][0], rep['ci95'][0]):+.2f} to {max(c['ci95'][1], rep['ci95'][1]):+.2f}"
-        if d0 == d1 != 0 and beats_noise:
+        if verdict == "contradicted":
             return f"paper: no difference ({c['paper']:+.2f}); {pairs}; both larger than the {noise_txt}"
-        shown = "within" if _within_equivalence(c, rep) else "not within"
+        shown = "within" if verdict == "reproduced" else "not within"
         return (f"paper: no difference ({c['paper']:+.2f}); {pairs}; together they span {span}, {shown} "
                 f"+-{EQUIVALENCE_POINTS:.1f}")
     # a claim can be unresolved in sign and still be ruled out in size: say so when both pairs exclude it
